@@ -1,0 +1,35 @@
+"""ort-wq: weight-only quantization of ONNX models for onnxruntime.
+
+The public API: the five weight-only utilities (``quant_tensor``, ``qdq_tensor``, ``pad_tensor``,
+``make_matmul_weight_only_node``, ``prepare_inputs``), the packing functions, and the model
+level entry points ``quantize`` and ``validate``.
+"""
+
+from __future__ import annotations
+
+from .packing import (
+    pack_fpq4_blob,
+    pack_nbits_weight,
+    pack_nbits_zero_points,
+    unpack_fpq4_blob,
+    unpack_nbits_weight,
+    unpack_nbits_zero_points,
+)
+from .utility import make_matmul_weight_only_node, pad_tensor, prepare_inputs, qdq_tensor, quant_tensor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "make_matmul_weight_only_node",
+    "pad_tensor",
+    "prepare_inputs",
+    "qdq_tensor",
+    "quant_tensor",
+    "pack_nbits_weight",
+    "unpack_nbits_weight",
+    "pack_nbits_zero_points",
+    "unpack_nbits_zero_points",
+    "pack_fpq4_blob",
+    "unpack_fpq4_blob",
+]
