@@ -1,0 +1,267 @@
+"""Shared pieces of the weight-level algorithms: group views, parameter grids, the final format.
+
+Conventions (see :class:`~ort_wq.algorithms.base.QuantizedWeight`):
+
+- A *group* is ``block_size`` consecutive K values of one output column. Algorithms that work
+  group-wise use the view ``x[N, k_blocks, block_size]`` of the zero-padded ``W.T``; the padded
+  tail of the last block is excluded from every error and from every min/max (``mask``).
+- Quantization is always the kernel's unsigned form: ``q = clip(rint(x / scale + zp), 0, 2^b-1)``
+  and ``x ~ (q - zp) * scale``. Symmetric means ``zp = 2^(b-1)`` (the kernel default, no
+  zero-point input).
+- Asymmetric with integer zero points keeps ``zp`` in ``[0, 2^b-1]``, so the representable range
+  always contains 0: ranges are widened to include 0 (unlike ``quant_tensor``'s ``asym``, which
+  clips the zero point of groups that do not cross 0 and then saturates them).
+- Asymmetric with float zero points (``spec.float_zero_points``) maps ``[min, max]`` exactly.
+- Scales are rounded to the output dtype (float16 for a float16 weight) *before* the codes are
+  computed, so the codes are optimal for the scales that are stored. Float zero points likewise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import LayerStats, QuantizedWeight, QuantSpec
+
+# elements of one column chunk of the group view: keeps float32 temporaries cache-sized
+CHUNK_ELEMS = 1 << 18
+
+_HALF_TINY = float(np.finfo(np.float16).smallest_normal)
+_HALF_MAX = float(np.finfo(np.float16).max)
+
+
+def maxq_of(bits: int) -> int:
+    return (1 << bits) - 1
+
+
+def sym_zero(bits: int) -> int:
+    return 1 << (bits - 1)
+
+
+def float_zp(spec: QuantSpec) -> bool:
+    """Whether this spec produces float zero points (asymmetric and the target allows it)."""
+    return (not spec.symmetric) and bool(spec.float_zero_points)
+
+
+def out_dtype(w: np.ndarray) -> type:
+    """Dtype of scales (and float zero points): float16 for a float16 weight, else float32."""
+    return np.float16 if np.asarray(w).dtype == np.float16 else np.float32
+
+
+def check_weight(w: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"weight must be 2-D [K, N], got shape {w.shape}")
+    if not np.issubdtype(w.dtype, np.floating):
+        raise ValueError(f"weight must be a float array, got dtype {w.dtype}")
+    if spec.bits not in (2, 3, 4, 5, 6, 7, 8):
+        raise ValueError(f"bits={spec.bits} is not supported; use 2..8")
+    if spec.block_size < 1:
+        raise ValueError(f"block_size={spec.block_size} must be positive")
+    if not np.all(np.isfinite(w)):
+        raise ValueError("weight contains NaN or Inf")
+    return w
+
+
+def require_stats(stats: LayerStats | None, name: str, k: int) -> LayerStats:
+    if stats is None:
+        raise ValueError(f"{name} needs calibration data (LayerStats); got stats=None")
+    if stats.k != k:
+        raise ValueError(f"{name}: stats are for K={stats.k} but the weight has K={k}")
+    return stats
+
+
+def group_view(w: np.ndarray, bs: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(x[N, kb, bs] float32, mask[kb, bs] float32 or None)`` of the zero-padded ``W.T``."""
+    k, n = w.shape
+    kb = -(-k // bs)
+    x = np.zeros((n, kb * bs), dtype=np.float32)
+    x[:, :k] = np.asarray(w, dtype=np.float32).T
+    x = x.reshape(n, kb, bs)
+    if kb * bs == k:
+        return x, None
+    mask = np.ones(kb * bs, dtype=np.float32)
+    mask[k:] = 0.0
+    return x, mask.reshape(kb, bs)
+
+
+def masked_minmax(x: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Min and max over the last axis, padded positions excluded (a group is never all padding)."""
+    if mask is None:
+        return x.min(axis=-1), x.max(axis=-1)
+    valid = mask > 0
+    return np.where(valid, x, np.inf).min(axis=-1), np.where(valid, x, -np.inf).max(axis=-1)
+
+
+def round_scale(scale: np.ndarray, dtype) -> np.ndarray:
+    """Scales as stored (float16 kept normal and finite), returned as float32 for the math."""
+    scale = np.asarray(scale, dtype=np.float32)
+    if dtype == np.float16:
+        scale = np.clip(scale, _HALF_TINY, _HALF_MAX).astype(np.float16).astype(np.float32)
+    return scale
+
+
+def round_zp(zp: np.ndarray, spec: QuantSpec, dtype) -> np.ndarray:
+    """Zero points as stored: kernel default (sym), integers in range, or floats in ``dtype``."""
+    if spec.symmetric:
+        return np.full(np.shape(zp), sym_zero(spec.bits), dtype=np.float32)
+    if float_zp(spec):
+        zp = np.asarray(zp, dtype=np.float32)
+        if dtype == np.float16:
+            zp = np.clip(zp, -_HALF_MAX, _HALF_MAX).astype(np.float16).astype(np.float32)
+        return zp
+    return np.clip(np.rint(zp), 0, maxq_of(spec.bits)).astype(np.float32)
+
+
+def minmax_params(
+    lo: np.ndarray, hi: np.ndarray, spec: QuantSpec, ratio: float, dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point of groups with range ``[lo, hi]`` shrunk by ``ratio`` (1 = RTN range).
+
+    - symmetric: ``scale = ratio * 2 * max(|lo|, |hi|) / (2^b - 1)`` (the RTN scale at ratio 1).
+    - asymmetric, integer zp: range widened to include 0, both ends times ``ratio``.
+    - asymmetric, float zp: ``[lo, hi]`` times ``ratio`` mapped exactly onto ``[0, 2^b-1]``.
+    A group of range 0 gets scale 1 (as RTN).
+    """
+    maxq = maxq_of(spec.bits)
+    if spec.symmetric:
+        amax = np.maximum(np.abs(lo), np.abs(hi)) * ratio
+        scale = np.where(amax > 0, amax * (2.0 / maxq), 1.0)
+        scale = round_scale(scale, dtype)
+        return scale, np.full(scale.shape, sym_zero(spec.bits), dtype=np.float32)
+    if not float_zp(spec):
+        lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+    lo, hi = lo * ratio, hi * ratio
+    span = hi - lo
+    scale = round_scale(np.where(span > 0, span / maxq, 1.0), dtype)
+    zp = round_zp(-lo / scale, spec, dtype)
+    return scale, zp
+
+
+def quantize(x: np.ndarray, scale: np.ndarray, zp: np.ndarray, maxq: int) -> np.ndarray:
+    """Float codes ``clip(rint(x / scale + zp), 0, maxq)``; scale/zp broadcast over the last axis."""
+    q = x / scale[..., None]
+    q += zp[..., None]
+    np.rint(q, out=q)
+    np.clip(q, 0, maxq, out=q)
+    return q
+
+
+def group_error(
+    x: np.ndarray, scale: np.ndarray, zp: np.ndarray, maxq: int, mask: np.ndarray | None, hblocks: np.ndarray | None
+) -> np.ndarray:
+    """Per-group reconstruction error ``[..., kb]``: sum of squares, or ``e^T H_gg e`` with ``hblocks``."""
+    q = quantize(x, scale, zp, maxq)
+    q -= zp[..., None]
+    q *= scale[..., None]
+    q -= x
+    if mask is not None:
+        q *= mask
+    if hblocks is None:
+        return np.einsum("...i,...i->...", q, q)
+    # q: [Nc, kb, bs]; hblocks: [kb, bs, bs] -> e_g^T H_g e_g per (n, g)
+    et = q.transpose(1, 0, 2)
+    return np.einsum("gni,gni->ng", np.matmul(et, hblocks), et)
+
+
+def clip_ratios(spec: QuantSpec, grid: int, min_ratio: float) -> np.ndarray:
+    """The clip-ratio grid: ``1.0`` (the RTN range) down to ``min_ratio`` in ``grid`` steps.
+
+    Symmetric grids also get ratios slightly above 1, up to the one that makes the largest
+    positive value exactly representable (``q - zp = 2^(b-1) - 1``): the RTN scale
+    ``amax / (2^(b-1) - 1/2)`` rounds a positive maximum down by half a step.
+    """
+    # quadratic spacing: fine steps near 1 (what 8-bit needs), coarse ones far out (2-bit)
+    ratios = list(1.0 - (1.0 - min_ratio) * (np.arange(grid + 1) / grid) ** 2) if grid > 0 else [1.0]
+    if spec.symmetric and spec.bits > 1:
+        half = sym_zero(spec.bits)
+        top = (half - 0.5) / (half - 1.0)
+        ratios += list(np.linspace(1.0, top, 4)[1:])
+    return np.asarray(ratios, dtype=np.float64)
+
+
+def column_chunks(n: int, per_column: int) -> list[tuple[int, int]]:
+    step = max(1, CHUNK_ELEMS // max(1, per_column))
+    return [(c, min(n, c + step)) for c in range(0, n, step)]
+
+
+def search_clip(
+    x: np.ndarray,
+    mask: np.ndarray | None,
+    spec: QuantSpec,
+    dtype,
+    ratios: np.ndarray,
+    hblocks: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per group, the clip ratio of ``ratios`` with the lowest error; returns ``(scale, zp)`` [N, kb].
+
+    ``x`` is the group view ``[N, kb, bs]``. The error is the group's squared reconstruction
+    error, or with ``hblocks`` (``[kb, bs, bs]``, the diagonal blocks of the input Hessian) the
+    group's share of the output error ``e^T H_gg e``. Ratio 1 (the RTN range) is always in the
+    grid, so no group gets worse than the min/max range under the measured error.
+    """
+    maxq = maxq_of(spec.bits)
+    n, kb, bs = x.shape
+    scale = np.empty((n, kb), dtype=np.float32)
+    zp = np.empty((n, kb), dtype=np.float32)
+    for c0, c1 in column_chunks(n, kb * bs):
+        xc = x[c0:c1]
+        lo, hi = masked_minmax(xc, mask)
+        best_err = None
+        for r in ratios:
+            s, z = minmax_params(lo, hi, spec, float(r), dtype)
+            err = group_error(xc, s, z, maxq, mask, hblocks)
+            if best_err is None:
+                best_err, bs_, bz = err, s, z
+            else:
+                better = err < best_err
+                best_err = np.where(better, err, best_err)
+                bs_ = np.where(better, s, bs_)
+                bz = np.where(better, z, bz)
+        scale[c0:c1] = bs_
+        zp[c0:c1] = bz
+    return scale, zp
+
+
+def hessian_blocks(h: np.ndarray, k: int, bs: int) -> np.ndarray:
+    """Diagonal ``bs x bs`` blocks of ``H[K, K]`` as float32 ``[kb, bs, bs]`` (padding zero)."""
+    kb = -(-k // bs)
+    hp = np.zeros((kb * bs, kb * bs), dtype=np.float32)
+    hp[:k, :k] = h
+    idx = np.arange(kb)
+    return hp.reshape(kb, bs, kb, bs)[idx, :, idx, :]
+
+
+def finalize(
+    x: np.ndarray | None,
+    scale: np.ndarray,
+    zp: np.ndarray,
+    spec: QuantSpec,
+    k: int,
+    dtype,
+    q: np.ndarray | None = None,
+) -> QuantizedWeight:
+    """The :class:`QuantizedWeight` for stored ``scale``/``zp`` ``[N, kb]``.
+
+    Codes are recomputed from the group view ``x`` with the stored (already rounded) parameters,
+    unless ``q`` (float or int ``[N, kb, bs]``) is given (GPTQ's codes depend on the order).
+    """
+    n, kb = scale.shape
+    bs = spec.block_size
+    maxq = maxq_of(spec.bits)
+    scale = round_scale(scale, dtype)
+    zpr = round_zp(zp, spec, dtype)
+    if q is None:
+        q = np.empty((n, kb, bs), dtype=np.uint8)
+        for c0, c1 in column_chunks(n, kb * bs):
+            q[c0:c1] = quantize(x[c0:c1], scale[c0:c1], zpr[c0:c1], maxq)
+    else:
+        q = np.clip(np.rint(q), 0, maxq).astype(np.uint8).reshape(n, kb, bs)
+    if kb * bs > k:
+        q.reshape(n, -1)[:, k:] = 0
+    if spec.symmetric:
+        zero_point = None
+    elif float_zp(spec):
+        zero_point = zpr.astype(dtype)
+    else:
+        zero_point = zpr.astype(np.uint8)
+    return QuantizedWeight(q, scale.astype(dtype), zero_point, spec.bits, k)

@@ -1,0 +1,142 @@
+"""Loading and saving models: clear errors for bad files, external data, atomic writes.
+
+Models are loaded with onnx_ir, which memory-maps external data, so a weight is read only when
+it is used. Saving writes into a temporary folder beside the destination and moves the files
+into place only when everything was written: a failure leaves no output behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+__all__ = ["ModelInputError", "load_model", "save_model", "as_ir_model", "has_external_data", "PROTO_LIMIT"]
+
+# protobuf cannot serialise a message of 2 GiB or more; stay below it with room for the graph
+PROTO_LIMIT = 2**31 - 2**26
+
+
+class ModelInputError(ValueError):
+    """A model file or object that cannot be used; the message is one line and says what to do."""
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX file as an ``ir.Model`` (external data memory-mapped, checked to exist)."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelInputError(f"{p}: no such file")
+    if p.is_dir():
+        raise ModelInputError(f"{p}: is a folder, not an ONNX model file")
+    if not os.access(p, os.R_OK):
+        raise ModelInputError(f"{p}: not readable (check its permissions)")
+    if p.stat().st_size == 0:
+        raise ModelInputError(f"{p}: empty file, not an ONNX model")
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise ModelInputError(f"{p}: not a readable ONNX model ({type(exc).__name__}: {_first_line(exc)})") from None
+    if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
+        raise ModelInputError(f"{p}: not an ONNX model (no graph found; is the file truncated or of another format?)")
+    _check_external_files(proto, p.parent, str(p))
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as exc:
+        raise ModelInputError(f"{p}: cannot read the model ({_first_line(exc)})") from None
+    ir.external_data.set_base_dir(model.graph, str(p.parent))
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_external_files(proto: onnx.ModelProto, base: Path, where: str) -> None:
+    """Every external-data file a tensor points at exists and is long enough."""
+    needed: dict[str, int] = {}
+    for tensor in _all_tensors(proto.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        loc = info.get("location", "")
+        end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
+        needed[loc] = max(needed.get(loc, 0), end)
+    for loc, end in needed.items():
+        f = base / loc
+        if not f.is_file():
+            raise ModelInputError(f"{where}: external data file {loc!r} is missing (expected at {f}); keep it beside the model")
+        if end and f.stat().st_size < end:
+            raise ModelInputError(f"{where}: external data file {loc!r} is truncated ({f.stat().st_size} bytes, needs {end})")
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_tensors(g)
+
+
+def as_ir_model(model: Any) -> tuple[ir.Model, str]:
+    """``(ir.Model, kind)`` for a path, ``onnx.ModelProto`` or ``ir.Model``; kind is 'path', 'proto' or 'ir'."""
+    if isinstance(model, ir.Model):
+        return model, "ir"
+    if isinstance(model, onnx.ModelProto):
+        return ir.serde.deserialize_model(model), "proto"
+    if isinstance(model, (str, os.PathLike)):
+        return load_model(model), "path"
+    raise ModelInputError(f"expected a path, onnx.ModelProto or onnx_ir.Model, got {type(model).__name__}")
+
+
+def has_external_data(model: ir.Model) -> bool:
+    """Whether any initializer of the main graph lives in an external file."""
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+
+
+def model_nbytes(model: ir.Model) -> int:
+    """Bytes of all initializers of the main graph."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> list[Path]:
+    """Save ``model`` to ``path`` atomically; returns the files written.
+
+    ``external_data=None`` writes external data (``<name>.data``) when the model had it or is too
+    large for one protobuf. Files are written in a temporary folder beside ``path`` and renamed
+    into place only after the whole save succeeded.
+    """
+    dest = Path(path)
+    if dest.is_dir():
+        raise ModelInputError(f"{dest}: is a folder; give a file name for the output model")
+    parent = dest.parent if str(dest.parent) else Path(".")
+    if not parent.exists():
+        raise ModelInputError(f"{parent}: output folder does not exist")
+    if external_data is None:
+        external_data = has_external_data(model) or model_nbytes(model) >= PROTO_LIMIT
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=parent))
+    try:
+        data_name = dest.name + ".data"
+        if external_data:
+            ir.save(model, tmp / dest.name, external_data=data_name, max_workers=os.cpu_count() or 1)
+        else:
+            ir.save(model, tmp / dest.name)
+        written = []
+        if external_data:
+            os.replace(tmp / data_name, parent / data_name)
+            written.append(parent / data_name)
+        os.replace(tmp / dest.name, dest)
+        written.append(dest)
+        return written
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,84 @@
+"""``quantize()``: the model-level entry point (Python API of ``ort-wq quantize``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from .config import WeightOnlyConfig
+from .model_io import ModelInputError, as_ir_model, model_nbytes, save_model
+from .report import QuantReport
+
+
+def quantize(
+    model: Any,
+    config: WeightOnlyConfig | None = None,
+    *,
+    output: str | os.PathLike | None = None,
+    calibration: Any = None,
+    progress: bool = False,
+    return_report: bool = False,
+) -> Any:
+    """Quantize the constant weights of every MatMul/Gemm in ``model``.
+
+    ``model``: an ``onnx.ModelProto`` (not modified; a new one is returned), an ``onnx_ir.Model``
+    (modified in place and returned) or a path (then ``output`` is required and the output path
+    is returned; the input file is never modified). With ``output`` the result is saved
+    atomically, with external data when the input had it or the result exceeds 2 GB.
+    ``calibration``: for algorithms that need it, an onnxruntime ``CalibrationDataReader`` or a
+    list of input dicts. ``return_report=True`` returns ``(result, QuantReport)``.
+    """
+    config = config or WeightOnlyConfig()
+    config.validate()
+    if isinstance(model, (str, os.PathLike)):
+        if output is None:
+            raise ModelInputError("quantize(path) needs output=...: the input file is never modified")
+        if _same_file(model, output):
+            raise ModelInputError(f"output {os.fspath(output)!r} is the input model; choose another path")
+    ir_model, kind = as_ir_model(model)
+    before = model_nbytes(ir_model)
+    stats = None
+    from .algorithms import get_algorithm
+
+    if get_algorithm(config.algorithm)[1]:
+        if calibration is None:
+            raise ValueError(f"algorithm {config.algorithm!r} needs calibration data (calibration=...)")
+        from .algorithms.calibration import collect_stats
+
+        stats = collect_stats(ir_model, calibration, config, source=model if kind == "path" else None,
+                              progress=progress)
+    from .transforms import WeightOnlyQuantPass
+
+    qpass = WeightOnlyQuantPass(config, stats=stats, progress=progress)
+    qpass(ir_model)
+    report: QuantReport = qpass.last_report  # type: ignore[assignment]
+    report.model_bytes_before = before
+    report.model_bytes_after = model_nbytes(ir_model)
+    result: Any
+    if output is not None:
+        save_model(ir_model, output)
+    if kind == "proto":
+        result = ir.serde.serialize_model(ir_model)
+    elif kind == "path":
+        result = os.fspath(output)
+    else:
+        result = ir_model
+    return (result, report) if return_report else result
+
+
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    pa, pb = Path(a), Path(b)
+    if pa.resolve() == pb.resolve():
+        return True
+    try:
+        return pb.exists() and os.path.samefile(pa, pb)
+    except OSError:
+        return False
+
+
+__all__ = ["quantize"]
+_ = onnx
