@@ -15,12 +15,19 @@ from .packing import (
     unpack_nbits_weight,
     unpack_nbits_zero_points,
 )
+from .config import NodeOverride, WeightOnlyConfig
+from .quantize import quantize
+from .report import QuantReport
 from .utility import make_matmul_weight_only_node, pad_tensor, prepare_inputs, qdq_tensor, quant_tensor
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "NodeOverride",
+    "QuantReport",
+    "WeightOnlyConfig",
+    "quantize",
     "make_matmul_weight_only_node",
     "pad_tensor",
     "prepare_inputs",

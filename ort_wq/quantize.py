@@ -10,7 +10,7 @@ import onnx
 import onnx_ir as ir
 
 from .config import WeightOnlyConfig
-from .model_io import ModelInputError, as_ir_model, model_nbytes, save_model
+from .model_io import PROTO_LIMIT, ModelInputError, as_ir_model, has_external_data, model_nbytes, save_model
 from .report import QuantReport
 
 
@@ -41,6 +41,7 @@ def quantize(
             raise ModelInputError(f"output {os.fspath(output)!r} is the input model; choose another path")
     ir_model, kind = as_ir_model(model)
     before = model_nbytes(ir_model)
+    external = has_external_data(ir_model)
     stats = None
     from .algorithms import get_algorithm
 
@@ -60,7 +61,7 @@ def quantize(
     report.model_bytes_after = model_nbytes(ir_model)
     result: Any
     if output is not None:
-        save_model(ir_model, output)
+        save_model(ir_model, output, external_data=external or model_nbytes(ir_model) >= PROTO_LIMIT)
     if kind == "proto":
         result = ir.serde.serialize_model(ir_model)
     elif kind == "path":

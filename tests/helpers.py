@@ -26,8 +26,12 @@ def single_node_model(node: onnx.NodeProto, inits: list[onnx.TensorProto], k: in
 
 
 def run_model(model, feeds: dict, so: ort.SessionOptions | None = None) -> list[np.ndarray]:
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    sess = ort.InferenceSession(data, so or ort.SessionOptions(), providers=["CPUExecutionProvider"])
+    """Run on the CPU; QDQ MatMuls fused by onnxruntime use exact (level 0) arithmetic."""
+    if so is None:
+        so = ort.SessionOptions()
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)
 
 

@@ -103,10 +103,9 @@ class QuantContext:
 
         def job() -> dict[str, np.ndarray]:
             w = ref.numpy()
-            if isinstance(ref.tensor, ir.ExternalTensor):
-                ref.tensor.release()
             result: QuantizedWeight = fn(w, spec, stats)
             del w
+            _release(ref.tensor)
             return emitter.pack(result, ref.k, ref.n, spec, dtype)
 
         future = self.executor.submit(job)
@@ -173,6 +172,15 @@ class QuantContext:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
+
+
+def _release(tensor: Any) -> None:
+    """Drop the memory map of an external weight once it is quantized (it is re-mapped if read again)."""
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:  # another reader still holds a view; it goes when that view goes
+            pass
 
 
 def _done(value: Any) -> Future:

@@ -18,6 +18,10 @@ Conventions (see :class:`~ort_wq.algorithms.base.QuantizedWeight`):
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from .base import LayerStats, QuantizedWeight, QuantSpec
@@ -184,6 +188,30 @@ def column_chunks(n: int, per_column: int) -> list[tuple[int, int]]:
     return [(c, min(n, c + step)) for c in range(0, n, step)]
 
 
+def _workers() -> int:
+    try:
+        return max(1, min(8, len(os.sched_getaffinity(0))))
+    except (AttributeError, OSError):
+        return max(1, min(8, os.cpu_count() or 1))
+
+
+def run_chunks(fn: Callable[[int, int], None], n: int, per_column: int) -> None:
+    """Call ``fn(c0, c1)`` for every column chunk, on a thread pool when there are several.
+
+    The chunks are independent and numpy releases the GIL in its kernels; ``fn`` writes its own
+    slice of preallocated outputs, so the result does not depend on the thread count.
+    """
+    chunks = column_chunks(n, per_column)
+    workers = min(_workers(), len(chunks))
+    if workers <= 1:
+        for c in chunks:
+            fn(*c)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as ex:
+        for _ in ex.map(lambda c: fn(*c), chunks):
+            pass
+
+
 def search_clip(
     x: np.ndarray,
     mask: np.ndarray | None,
@@ -203,7 +231,8 @@ def search_clip(
     n, kb, bs = x.shape
     scale = np.empty((n, kb), dtype=np.float32)
     zp = np.empty((n, kb), dtype=np.float32)
-    for c0, c1 in column_chunks(n, kb * bs):
+
+    def one(c0: int, c1: int) -> None:
         xc = x[c0:c1]
         lo, hi = masked_minmax(xc, mask)
         best_err = None
@@ -219,6 +248,8 @@ def search_clip(
                 bz = np.where(better, z, bz)
         scale[c0:c1] = bs_
         zp[c0:c1] = bz
+
+    run_chunks(one, n, kb * bs)
     return scale, zp
 
 
@@ -252,8 +283,11 @@ def finalize(
     zpr = round_zp(zp, spec, dtype)
     if q is None:
         q = np.empty((n, kb, bs), dtype=np.uint8)
-        for c0, c1 in column_chunks(n, kb * bs):
+
+        def one(c0: int, c1: int) -> None:
             q[c0:c1] = quantize(x[c0:c1], scale[c0:c1], zpr[c0:c1], maxq)
+
+        run_chunks(one, n, kb * bs)
     else:
         q = np.clip(np.rint(q), 0, maxq).astype(np.uint8).reshape(n, kb, bs)
     if kb * bs > k:

@@ -21,6 +21,7 @@ Differences from the reference implementation (documented choices):
   ``beta`` means the same for every weight magnitude (the reference applies ``beta=10`` to raw
   weights, where the threshold is relative to the weights' absolute size: for typical
   transformer weights it never fires and the method reduces to alternating least squares).
+- Symmetric runs start from the rtn-clip grid search (``init="auto"``).
 - Instead of stopping the whole tensor when the mean error stops improving, every group keeps
   its own best iterate under the squared reconstruction error (the min/max start is iterate 0,
   so no group ends worse than min/max rounding).
@@ -32,7 +33,7 @@ import numpy as np
 
 from ._common import (
     check_weight,
-    column_chunks,
+    clip_ratios,
     finalize,
     group_error,
     group_view,
@@ -43,6 +44,8 @@ from ._common import (
     quantize,
     round_scale,
     round_zp,
+    run_chunks,
+    search_clip,
 )
 from .base import LayerStats, QuantizedWeight, QuantSpec, register
 
@@ -60,10 +63,13 @@ def _shrink_lp(d: np.ndarray, beta: float, p: float) -> np.ndarray:
     return np.copysign(t, d)
 
 
-def _hqq_chunk(x, mask, spec, dtype, iters, lp_norm, beta, kappa, optimize_scale):
+def _hqq_chunk(x, mask, spec, dtype, iters, lp_norm, beta, kappa, optimize_scale, ratios):
     maxq = maxq_of(spec.bits)
-    lo, hi = masked_minmax(x, mask)
-    s, z = minmax_params(lo, hi, spec, 1.0, dtype)
+    if ratios is None:
+        lo, hi = masked_minmax(x, mask)
+        s, z = minmax_params(lo, hi, spec, 1.0, dtype)
+    else:
+        s, z = search_clip(x, mask, spec, dtype, ratios)
     best_err = group_error(x, s, z, maxq, mask, None)
     best_s, best_z = s, z
     # work in units of the initial step: x / s0 (s0 > 0 always)
@@ -120,8 +126,13 @@ def hqq(
     beta: float = 10.0,
     kappa: float = 1.01,
     optimize_scale: bool = True,
+    init: str = "auto",
 ) -> QuantizedWeight:
     """Half-quadratic optimisation of each group's scale / zero point (see the module doc).
+
+    ``init``: the starting point -- ``"minmax"`` (HQQ's), ``"clip"`` (the rtn-clip search) or
+    ``"auto"``: clip search when symmetric (only the scale is free there, and the fit started
+    from min/max ends worse than the grid), min/max otherwise (measured better for asymmetric).
 
     Float zero points only when ``spec.float_zero_points`` and not ``spec.symmetric``. ``stats``
     is ignored.
@@ -129,13 +140,21 @@ def hqq(
     w = check_weight(w, spec)
     k = w.shape[0]
     dtype = out_dtype(w)
+    if init not in ("auto", "minmax", "clip"):
+        raise ValueError(f"init={init!r}: use 'auto', 'minmax' or 'clip'")
+    if init == "auto":
+        init = "clip" if spec.symmetric else "minmax"
+    ratios = clip_ratios(spec, 20, 0.5) if init == "clip" else None
     x, mask = group_view(w, spec.block_size)
     n, kb, bs = x.shape
     scale = np.empty((n, kb), dtype=np.float32)
     zp = np.empty((n, kb), dtype=np.float32)
-    for c0, c1 in column_chunks(n, kb * bs):
+
+    def one(c0: int, c1: int) -> None:
         scale[c0:c1], zp[c0:c1] = _hqq_chunk(
-            x[c0:c1], mask, spec, dtype, iters, lp_norm, beta, kappa, optimize_scale
+            x[c0:c1], mask, spec, dtype, iters, lp_norm, beta, kappa, optimize_scale, ratios
         )
+
+    run_chunks(one, n, kb * bs)
     return finalize(x, scale, zp, spec, k, dtype)
 
