@@ -29,6 +29,7 @@ class SkippedNode:
     node: str
     op_type: str
     reason: str
+    weight: str = ""
 
 
 @dataclass
@@ -67,7 +68,8 @@ class QuantReport:
         lines.append(f"skipped:   {len(self.skipped)} node(s)")
         if verbose:
             for s in self.skipped:
-                lines.append(f"  {s.op_type:<8} {s.node or '<unnamed>'}: {s.reason}")
+                w = f" (weight {s.weight})" if s.weight else ""
+                lines.append(f"  {s.op_type:<8} {s.node or '<unnamed>'}{w}: {s.reason}")
         else:
             for reason, c in self.skip_reasons().most_common():
                 lines.append(f"  x{c:<5} {reason}")

@@ -40,14 +40,14 @@ def const_tensor(value: ir.Value | None) -> tuple[ir.TensorProtocol | None, str]
     if value is None:
         return None, "weight input is missing"
     if value.is_graph_input():
-        return None, f"weight {value.name!r} is a graph input (can be overridden at run time)"
+        return None, "weight is a graph input (can be overridden at run time)"
     tensor = ir.convenience.get_const_tensor(value)
     if tensor is None:
         producer = value.producer()
         if producer is not None and producer.op_type == "DequantizeLinear":
-            return None, f"weight {value.name!r} is already quantized (DequantizeLinear)"
+            return None, "weight is already quantized (DequantizeLinear)"
         what = f"output of {producer.op_type}" if producer is not None else "not an initializer"
-        return None, f"weight {value.name!r} is not constant ({what})"
+        return None, f"weight is not constant ({what})"
     return tensor, ""
 
 
@@ -57,14 +57,14 @@ def weight_ref(value: ir.Value | None, transpose: bool, min_k: int = 1, min_n: i
     if tensor is None:
         return None, reason
     if tensor.dtype not in FLOAT_TYPES:
-        return None, f"weight {value.name!r} is {tensor.dtype.name}, not float32/float16"
+        return None, f"weight is {tensor.dtype.name}, not float32/float16"
     dims = [int(d) for d in tensor.shape]
     if len(dims) < 2 or any(d != 1 for d in dims[:-2]):
-        return None, f"weight {value.name!r} has shape {dims}: only 2-D (or leading 1s) weights are quantized"
+        return None, "weight is not 2-D (or 2-D with leading 1s)"
     rows, cols = dims[-2:]
     k, n = (cols, rows) if transpose else (rows, cols)
     if k < min_k or n < min_n:
-        return None, f"weight {value.name!r} is too small (K={k}, N={n}; minimum K={min_k}, N={min_n})"
+        return None, f"weight is too small (minimum K={min_k}, N={min_n})"
     return WeightRef(value, tensor, transpose, k, n), ""
 
 

@@ -76,11 +76,13 @@ def skipped_nodes(model: ir.Model, ctx: QuantContext) -> list[SkippedNode]:
             if ctx.config.format == "qdq" and _fed_by_dequantize(node):
                 continue  # our own QDQ output (or an already quantized model)
             reason = gemm_reason(node) if node.op_type == "Gemm" else ""
+            w = node.inputs[1] if len(node.inputs) > 1 else None
             if not reason:
                 trans = node.op_type == "Gemm" and "transB" in node.attributes and node.attributes["transB"].as_int()
                 w = node.inputs[1] if len(node.inputs) > 1 else None
                 _, reason = resolve_weight(node, w, bool(trans), ctx)
-            out.append(SkippedNode(node.name or "", node.op_type, reason or "not matched"))
+            weight = w.name if w is not None else ""
+            out.append(SkippedNode(node.name or "", node.op_type, reason or "not matched", weight or ""))
     return out
 
 

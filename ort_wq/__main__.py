@@ -1,0 +1,7 @@
+"""``python -m ort_wq`` is ``ort-wq``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

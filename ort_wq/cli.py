@@ -1,0 +1,218 @@
+"""``ort-wq``: quantize, inspect, validate and demo from the command line.
+
+Exit codes: 0 ok, 1 validation failed, 2 bad usage or input. A user's own mistake is reported
+as one ``error:`` line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from . import __version__
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its inputs (exit code 2)."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _block_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value != -1 and (value < 16 or value & (value - 1)):
+        raise argparse.ArgumentTypeError(f"{value} is not a power of two >= 16 (or -1 for per-channel)")
+    return value
+
+
+def _add_quantize(sub) -> None:
+    from .algorithms import list_algorithms
+    from .config import WeightOnlyConfig
+
+    d = WeightOnlyConfig()
+    p = sub.add_parser(
+        "quantize",
+        help="quantize the constant MatMul/Gemm weights of a model",
+        description="Replace every MatMul/Gemm whose weight is a constant with a weight-only quantized node "
+        "(com.microsoft MatMulNBits by default). The input is never modified; OUTPUT appears only if the whole "
+        "job succeeds (external data is written as OUTPUT.data when the input had it or the result is over 2 GB).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("input", metavar="INPUT", help="ONNX model to quantize")
+    p.add_argument("output", metavar="OUTPUT", help="where to write the quantized model")
+    p.add_argument("--bits", type=int, choices=(2, 4, 8), default=d.bits, help="bits per weight")
+    p.add_argument("--block-size", type=_block_size, default=d.block_size,
+                   help="values per block along K: a power of two >= 16, or -1 for one block per column")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--sym", dest="symmetric", action="store_true", default=d.symmetric,
+                   help="symmetric blocks (no zero points)")
+    g.add_argument("--asym", dest="symmetric", action="store_false", help="asymmetric blocks (with zero points)")
+    p.add_argument("--format", choices=("nbits", "fpq4", "qdq"), default=d.format,
+                   help="nbits: com.microsoft MatMulNBits; fpq4: legacy com.microsoft MatMulFpQ4 (4-bit, block 32); "
+                   "qdq: standard DequantizeLinear + MatMul (opset 21)")
+    p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=d.accuracy_level,
+                   help="MatMulNBits compute type: 0 exact float math, 4 int8 activations (fastest on CPU)")
+    p.add_argument("--algorithm", choices=sorted(list_algorithms()), default=d.algorithm,
+                   help="rtn: round to nearest; rtn-clip: with a per-block clip search; hqq: half-quadratic; "
+                   "gptq, awq: use --calibration data")
+    p.add_argument("--include", action="append", default=[], metavar="REGEX",
+                   help="only quantize nodes whose name or weight name matches (repeatable)")
+    p.add_argument("--exclude", action="append", default=[], metavar="REGEX",
+                   help="leave nodes whose name or weight name matches (repeatable)")
+    p.add_argument("--override", action="append", default=[], metavar="REGEX=SPEC",
+                   help="per-node settings, e.g. 'lm_head=bits:8,block:128' or 'proj=asym' or 'gate=skip' (repeatable)")
+    p.add_argument("--min-k", type=_positive_int, default=d.min_k, help="leave weights with fewer input channels")
+    p.add_argument("--calibration", metavar="FILE.npz",
+                   help="calibration inputs for gptq/awq: arrays keyed by model input name, batch along axis 0")
+    p.add_argument("--calibration-batches", type=_positive_int, default=None, metavar="N",
+                   help="use at most N batches of the calibration file")
+    p.add_argument("--calibration-batch-size", type=_positive_int, default=8, metavar="B",
+                   help="rows of the calibration file per batch")
+    p.add_argument("--threads", type=_positive_int, default=None, help="worker threads (default: all cores)")
+    p.add_argument("--verbose", action="store_true", help="list every skipped node")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    p.set_defaults(run=_run_quantize)
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    from .config import NodeOverride, WeightOnlyConfig
+    from .model_io import load_model
+    from .quantize import _same_file, quantize
+
+    if _same_file(args.input, args.output):
+        raise UsageError(f"OUTPUT {args.output!r} is the input model; choose another path")
+    try:
+        overrides = [NodeOverride.parse(o) for o in args.override]
+        config = WeightOnlyConfig(
+            bits=args.bits, block_size=args.block_size, symmetric=args.symmetric, format=args.format,
+            accuracy_level=args.accuracy_level, algorithm=args.algorithm, include=args.include,
+            exclude=args.exclude, overrides=overrides, min_k=args.min_k, threads=args.threads,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    load_model(args.input)  # bad input files fail here, before any work
+    calibration = None
+    if args.calibration:
+        from .algorithms.calibration import npz_batches
+
+        calibration = npz_batches(args.calibration, args.calibration_batch_size, args.calibration_batches)
+    elif args.algorithm in ("gptq", "awq"):
+        raise UsageError(f"--algorithm {args.algorithm} needs --calibration FILE.npz")
+    start = time.perf_counter()
+    _, report = quantize(args.input, config, output=args.output, calibration=calibration,
+                         progress=not args.quiet and sys.stderr.isatty(), return_report=True)
+    if not args.quiet:
+        print(report.to_text(verbose=args.verbose))
+        print(f"wrote {args.output} in {time.perf_counter() - start:.2f} s")
+    return EXIT_OK
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="list quantizable and quantized nodes of a model",
+                       description="List every MatMul/Gemm with its weight shape and whether it can be quantized "
+                       "(and why not), and every already quantized node with its settings.")
+    p.add_argument("model", metavar="MODEL", help="ONNX model")
+    p.set_defaults(run=_run_inspect)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from .inspect import inspect_model
+
+    print(inspect_model(args.model))
+    return EXIT_OK
+
+
+def _add_validate(sub) -> None:
+    try:
+        from .validate import add_validate_arguments, run_validate_command
+    except ImportError:  # pragma: no cover - validation module not installed
+        return
+    p = sub.add_parser("validate", help="compare a quantized model with the original",
+                       description="Run both models on the same inputs and report per-output errors; "
+                       "exit 0 within thresholds, 1 outside, 2 on bad input.")
+    add_validate_arguments(p)
+    p.set_defaults(run=run_validate_command)
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="quantize a small built-in transformer and compare it with the original",
+                       description="Build a small transformer-like model in memory, quantize it with the default "
+                       "settings, run both in onnxruntime and print size, error and speed. Works offline.")
+    p.add_argument("--layers", type=_positive_int, default=4, help="transformer layers")
+    p.add_argument("--hidden", type=_positive_int, default=512, help="hidden size (a multiple of 64)")
+    p.add_argument("--save", metavar="DIR", help="also save original.onnx and quantized.onnx into DIR")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    if args.hidden % 64:
+        raise UsageError(f"--hidden {args.hidden} must be a multiple of 64")
+    return run_demo(layers=args.layers, hidden=args.hidden, save_dir=args.save)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ort-wq",
+        description="Weight-only quantization (2/4/8-bit, block-wise) of ONNX models for onnxruntime.",
+        epilog="Run 'ort-wq COMMAND --help' for a command's options. Exit codes: 0 ok, 1 validation failed, "
+        "2 bad usage or input.",
+    )
+    parser.add_argument("--version", action="version", version=f"ort-wq {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_quantize(sub)
+    _add_inspect(sub)
+    _add_validate(sub)
+    _add_demo(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return EXIT_USAGE
+    from .model_io import ModelInputError
+
+    try:
+        return int(args.run(args))
+    except (UsageError, ModelInputError, FileNotFoundError) as exc:
+        print(f"ort-wq {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:  # invalid settings or input data found while working
+        print(f"ort-wq {args.command}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"ort-wq {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print(f"ort-wq {args.command}: error: out of memory; nothing was written", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:
+        if os.environ.get("ORT_WQ_DEBUG"):
+            raise
+        print(f"ort-wq {args.command}: error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              "(nothing was written; set ORT_WQ_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
