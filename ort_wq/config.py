@@ -67,9 +67,10 @@ class WeightOnlyConfig:
     - ``min_k`` / ``min_n``: smaller weights are left alone.
     """
 
+    # defaults measured on the shared MiniLM model (benchmarks/bench_defaults.py, README)
     bits: int = 4
     block_size: int = 32
-    symmetric: bool = True
+    symmetric: bool = False
     format: str = "nbits"
     accuracy_level: int = 4
     algorithm: str = "rtn"

@@ -38,7 +38,7 @@ def test_quantize_ok(model_file, tmp_path, capsys):
 def test_quantize_override_and_exclude(model_file, tmp_path, capsys):
     src, _ = model_file
     out = tmp_path / "q.onnx"
-    assert main(["quantize", str(src), str(out), "--override", "mm=bits:8,block:128", "--quiet"]) == 0
+    assert main(["quantize", str(src), str(out), "--override", "mm=bits:8,block:128,sym", "--quiet"]) == 0
     node = onnx.load(out).graph.node[0]
     assert {a.name: a.i for a in node.attribute}["bits"] == 8
     assert main(["quantize", str(src), str(out), "--exclude", "^mm$", "--verbose"]) == 0
@@ -126,7 +126,7 @@ def test_inspect(model_file, tmp_path, capsys):
     out = tmp_path / "q.onnx"
     assert main(["quantize", str(src), str(out), "--quiet"]) == 0
     assert main(["inspect", str(out)]) == 0
-    assert "quantized: 4-bit block 32 sym" in capsys.readouterr().out
+    assert "quantized: 4-bit block 32 asym" in capsys.readouterr().out
 
 
 def test_console_script_and_module(tmp_path):

@@ -21,6 +21,7 @@ EXACT = dict(rtol=2e-4, atol=2e-4)
 
 def cfg(**kw):
     kw.setdefault("accuracy_level", 0)
+    kw.setdefault("symmetric", True)
     return WeightOnlyConfig(**kw)
 
 
