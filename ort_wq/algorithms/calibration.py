@@ -1,0 +1,162 @@
+"""Calibration: the input activations of the target MatMuls, reduced to per-layer statistics.
+
+One onnxruntime pass per batch over a copy of the model whose graph outputs include every
+target activation; each batch is folded into :class:`LayerStats` (``X^T X`` and per-channel
+``sum |x|``) and dropped, so memory is bounded by the K x K matrices, not by the data.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from ..config import WeightOnlyConfig
+from ..model_io import PROTO_LIMIT, ModelInputError, model_nbytes
+from .base import LayerStats
+
+_NP_OF = {
+    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT8: np.int8,
+    onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.BOOL: np.bool_,
+}
+
+
+def npz_batches(path: str | os.PathLike, batch_size: int = 8, max_batches: int | None = None) -> list[dict[str, np.ndarray]]:
+    """Batches from an ``.npz`` of arrays keyed by input name, batch along axis 0."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelInputError(f"calibration file {p}: no such file")
+    try:
+        data = np.load(p, allow_pickle=False)
+        arrays = {k: data[k] for k in data.files}
+    except Exception as exc:
+        raise ModelInputError(f"calibration file {p}: not a readable .npz ({exc})") from None
+    if not arrays:
+        raise ModelInputError(f"calibration file {p}: holds no arrays")
+    rows = {k: (v.shape[0] if v.ndim else 0) for k, v in arrays.items()}
+    if len(set(rows.values())) != 1 or 0 in rows.values():
+        raise ModelInputError(f"calibration file {p}: arrays need the same batch size along axis 0, got {rows}")
+    n = next(iter(rows.values()))
+    batches = [{k: v[i : i + batch_size] for k, v in arrays.items()} for i in range(0, n, batch_size)]
+    return batches[:max_batches] if max_batches else batches
+
+
+def iter_batches(calibration: Any) -> Iterator[dict[str, np.ndarray]]:
+    """Batches from a ``CalibrationDataReader`` (``get_next`` until ``None``) or an iterable of dicts."""
+    if hasattr(calibration, "get_next"):
+        rewind = getattr(calibration, "rewind", None)
+        if callable(rewind):
+            rewind()
+        while (batch := calibration.get_next()) is not None:
+            yield dict(batch)
+        if callable(rewind):
+            rewind()
+        return
+    if isinstance(calibration, dict):
+        yield calibration
+        return
+    if isinstance(calibration, Iterable):
+        yield from (dict(b) for b in calibration)
+        return
+    raise ValueError(f"calibration must be a CalibrationDataReader or a list of input dicts, got {type(calibration).__name__}")
+
+
+def target_activations(model: ir.Model, config: WeightOnlyConfig) -> dict[str, int]:
+    """Activation value name -> K, for every main-graph MatMul/Gemm the transform would convert."""
+    from ort_wq.transforms._base import resolve_weight
+    from ort_wq.transforms._context import QuantContext
+    from ort_wq.transforms._weights import gemm_reason
+
+    ctx = QuantContext(config)
+    out: dict[str, int] = {}
+    for node in model.graph:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
+            continue
+        if node.op_type == "Gemm" and gemm_reason(node):
+            continue
+        trans = node.op_type == "Gemm" and "transB" in node.attributes and node.attributes["transB"].as_int()
+        ref, _ = resolve_weight(node, node.inputs[1], bool(trans), ctx)
+        x = node.inputs[0]
+        if ref is not None and x is not None and x.name:
+            out[x.name] = ref.k
+    return out
+
+
+def _check_feeds(batch: dict[str, np.ndarray], inputs: dict[str, onnx.ValueInfoProto], i: int) -> dict[str, np.ndarray]:
+    unknown = sorted(set(batch) - set(inputs))
+    if unknown:
+        raise ModelInputError(f"calibration batch {i}: {', '.join(unknown)} not among the model inputs ({', '.join(inputs)})")
+    missing = sorted(set(inputs) - set(batch))
+    if missing:
+        raise ModelInputError(f"calibration batch {i}: missing model input(s) {', '.join(missing)}")
+    feeds = {}
+    for name, arr in batch.items():
+        arr = np.asarray(arr)
+        want = _NP_OF.get(inputs[name].type.tensor_type.elem_type)
+        if want is not None and arr.dtype != want:
+            if np.can_cast(arr.dtype, want, "same_kind"):
+                arr = arr.astype(want)
+            else:
+                raise ModelInputError(f"calibration input {name!r} is {arr.dtype}, the model takes {np.dtype(want)}")
+        feeds[name] = arr
+    return feeds
+
+
+def collect_stats(
+    model: ir.Model,
+    calibration: Any,
+    config: WeightOnlyConfig,
+    *,
+    source: Any = None,
+    progress: bool = False,
+) -> dict[str, LayerStats]:
+    """Run the calibration batches and return the statistics of every target activation."""
+    import onnxruntime as ort
+
+    targets = target_activations(model, config)
+    stats = {name: LayerStats(k) for name, k in targets.items()}
+    if not targets:
+        return stats
+    proto_inputs = {v.name: ir.serde.serialize_value(v) for v in model.graph.inputs if v.name not in model.graph.initializers}
+    known = {v.name for v in model.graph.outputs}
+    values = {v.name: v for node in model.graph for v in node.outputs}
+    values.update({v.name: v for v in model.graph.inputs})
+    extra = [values[n] for n in targets if n in values and n not in known]
+    model.graph.outputs.extend(extra)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        with tempfile.TemporaryDirectory(prefix="ort-wq-calib-") as tmp:
+            if model_nbytes(model) < PROTO_LIMIT:
+                src: Any = ir.serde.serialize_model(model).SerializeToString()
+            else:
+                src = os.path.join(tmp, "calib.onnx")
+                ir.save(model, src, external_data="calib.onnx.data")
+            sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+            del src
+            names = list(targets)
+            batches = iter_batches(calibration)
+            if progress:
+                from tqdm import tqdm
+
+                batches = tqdm(batches, desc="calibrating", unit="batch", leave=False)
+            seen = 0
+            for i, batch in enumerate(batches):
+                feeds = _check_feeds(batch, proto_inputs, i)
+                outs = sess.run(names, feeds)
+                for name, x in zip(names, outs):
+                    stats[name].update(x)
+                seen += 1
+            if not seen:
+                raise ModelInputError("calibration data holds no batch")
+    finally:
+        for v in extra:
+            model.graph.outputs.remove(v)
+    return stats
