@@ -11,13 +11,14 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from ort_wq.algorithms import LayerStats, QuantizedWeight, QuantSpec, get_algorithm
+from ort_wq.algorithms.base import uses_float_zero_points
 from ort_wq.config import WeightOnlyConfig
 from ort_wq.report import ConvertedNode, QuantReport
 
@@ -90,13 +91,15 @@ class QuantContext:
     def entry_for(self, ref: WeightRef, spec: QuantSpec, activation: ir.Value | None) -> QuantEntry:
         """The quantized form of ``ref`` under ``spec`` (created once, shared by all users)."""
         fmt = self.config.format
-        key = (id(ref.value), ref.transpose, spec, fmt)
+        key = (id(ref.value), ref.transpose, spec, fmt, self.config.algorithm)
         entry = self._entries.get(key)
         if entry is not None:
             entry.users += 1
             return entry
         algorithm, notes = self._algorithm_for(activation)
         fn, _ = get_algorithm(algorithm)
+        if spec.float_zero_points and not uses_float_zero_points(algorithm):
+            spec = replace(spec, float_zero_points=False)
         stats = self.stats.get(activation.name) if activation is not None and activation.name else None
         emitter = _emitters.get(fmt)
         dtype = np.float16 if ref.dtype == ir.DataType.FLOAT16 else np.float32

@@ -108,16 +108,30 @@ class LayerStats:
 
 Algorithm = Callable[[np.ndarray, QuantSpec, "LayerStats | None"], QuantizedWeight]
 _REGISTRY: dict[str, tuple[Algorithm, bool]] = {}
+_FLOAT_ZERO_POINTS: set[str] = set()
 
 
-def register(name: str, needs_calibration: bool = False) -> Callable[[Algorithm], Algorithm]:
-    """Decorator: register ``fn(w[K, N], spec, stats) -> QuantizedWeight`` under ``name``."""
+def register(name: str, needs_calibration: bool = False, float_zero_points: bool = False) -> Callable[[Algorithm], Algorithm]:
+    """Decorator: register ``fn(w[K, N], spec, stats) -> QuantizedWeight`` under ``name``.
+
+    ``float_zero_points``: the algorithm returns float zero points for asymmetric weights when
+    ``spec.float_zero_points`` allows it (the transform lays out the initializers accordingly);
+    others always return uint8 zero points.
+    """
 
     def deco(fn: Algorithm) -> Algorithm:
         _REGISTRY[name] = (fn, needs_calibration)
+        if float_zero_points:
+            _FLOAT_ZERO_POINTS.add(name)
         return fn
 
     return deco
+
+
+def uses_float_zero_points(name: str) -> bool:
+    """Whether algorithm ``name`` emits float zero points where the target allows them."""
+    _load_all()
+    return name in _FLOAT_ZERO_POINTS
 
 
 def _load_all() -> None:
