@@ -7,6 +7,7 @@ initializers (shared by every consumer of the same weight) and records the repor
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -53,6 +54,7 @@ class QuantContext:
         self._executor: ThreadPoolExecutor | None = None
         self.started = time.perf_counter()
         self.emitter = _emitters.get(config.format)
+        self.node_notes: dict[str, list[str]] = {}
         self._model_id: int | None = None
 
     # -- set-up -------------------------------------------------------------------------------
@@ -98,6 +100,8 @@ class QuantContext:
             return entry
         algorithm, notes = self._algorithm_for(activation)
         fn, _ = get_algorithm(algorithm)
+        if algorithm == "awq":  # the activation scaling was already folded into the graph (awq_fold)
+            fn = functools.partial(fn, allow_input_scale=False)
         if spec.float_zero_points and not uses_float_zero_points(algorithm):
             spec = replace(spec, float_zero_points=False)
         stats = self.stats.get(activation.name) if activation is not None and activation.name else None
@@ -137,7 +141,7 @@ class QuantContext:
                 node=node.name or "", op_type=node.op_type, new_op=new_op, weight=ref.value.name or "",
                 k=ref.k, n=ref.n, bits=spec.bits, block_size=spec.block_size, symmetric=spec.symmetric,
                 algorithm=entry.algorithm, bytes_before=before, bytes_after=after, shared=entry.users > 1,
-                notes=list(entry.notes),
+                notes=[*entry.notes, *self.node_notes.get(node.name or "", [])],
             )
         )
 

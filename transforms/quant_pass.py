@@ -50,6 +50,10 @@ class WeightOnlyQuantPass(ir.passes.InPlacePass):
 
             ensure_opset(model, MIN_OPSET)
         try:
+            if self.config.algorithm == "awq" and self.stats:
+                from .awq_fold import fold_awq_scales
+
+                ctx.node_notes.update(fold_awq_scales(model, self.config, self.stats, ctx))
             count = rules(self.config, context=ctx).apply_to_model(model)
             ctx.materialize(progress=self.progress)
         finally:

@@ -1,0 +1,176 @@
+"""AWQ's activation scaling on the graph: ``X @ W == (X / s) @ (diag(s) W)``.
+
+For each calibrated activation ``X`` whose every consumer is a quantizable MatMul/Gemm, AWQ
+searches one per-channel scale ``s`` over all those weights together; the weights' rows are
+multiplied by ``s`` and ``1 / s`` is folded into the producer of ``X`` where that is exact:
+
+- ``LayerNormalization`` (scale and bias), ``RMSNormalization`` / ``SimplifiedLayerNormalization``
+  (scale),
+- ``Mul`` by a constant broadcast along the last axis,
+- a ``MatMul`` / ``Gemm`` with a constant weight (its output columns), with its ``Add`` bias.
+
+Anything else (the activation also feeds another op, a shared or transposed weight, a producer
+that is not linear per channel) is left unscaled: those nodes get AWQ's clip search only, and
+the report says why. New tensors are written as new initializers: the input model's (possibly
+memory-mapped) weights are never modified.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import onnx_ir as ir
+
+from ort_wq.algorithms import LayerStats, get_algorithm
+from ort_wq.config import WeightOnlyConfig
+
+from ._base import resolve_weight
+from ._context import QuantContext
+from ._weights import WeightRef, const_tensor, gemm_reason, names_of
+
+_NORMS = {("", "LayerNormalization"): (1, 2), ("", "RMSNormalization"): (1,),
+          ("com.microsoft", "SimplifiedLayerNormalization"): (1,), ("", "SimplifiedLayerNormalization"): (1,)}
+
+
+def _domain(node: ir.Node) -> str:
+    return "" if node.domain in ("", "ai.onnx") else node.domain
+
+
+def _sole_const(value: ir.Value | None, k: int, axis_last: bool = True) -> str:
+    """'' when ``value`` is a constant used once whose shape broadcasts along the last axis to K."""
+    tensor, reason = const_tensor(value)
+    if tensor is None:
+        return reason
+    if len(list(value.uses())) != 1:
+        return f"constant {value.name!r} is shared"
+    dims = [int(d) for d in tensor.shape]
+    if axis_last and (not dims or dims[-1] != k or any(d != 1 for d in dims[:-1])):
+        return f"constant {value.name!r} has shape {dims}, not [{k}]"
+    return ""
+
+
+def _plan_producer(x: ir.Value, k: int) -> tuple[list[tuple[ir.Node, int, str]], str]:
+    """How to fold ``1/s`` into the producer of ``x``: ``[(node, input index, how)]`` or a reason."""
+    node = x.producer()
+    if node is None:
+        return [], "the activation is a graph input"
+    key = (_domain(node), node.op_type)
+    if key in _NORMS:
+        if node.outputs[0] is not x:
+            return [], f"{node.op_type} output {x.name!r} is not its normalised output"
+        plan = []
+        for idx in _NORMS[key]:
+            if idx < len(node.inputs) and node.inputs[idx] is not None:
+                why = _sole_const(node.inputs[idx], k)
+                if why:
+                    return [], why
+                plan.append((node, idx, "vector"))
+        return plan, ""
+    if key == ("", "Mul"):
+        for idx in (1, 0):
+            if not _sole_const(node.inputs[idx], k):
+                return [(node, idx, "vector")], ""
+        return [], "Mul has no constant per-channel operand"
+    if key == ("", "Add"):
+        for idx in (1, 0):
+            mm_val, b = node.inputs[1 - idx], node.inputs[idx]
+            mm = mm_val.producer() if mm_val is not None else None
+            if mm is not None and mm.op_type == "MatMul" and not _sole_const(b, k) and len(list(mm_val.uses())) == 1:
+                plan, why = _plan_matmul_columns(mm, k)
+                if not why:
+                    return [*plan, (node, idx, "vector")], ""
+        return [], "Add is not a constant bias after a MatMul with a constant weight"
+    if key == ("", "MatMul"):
+        return _plan_matmul_columns(node, k)
+    if key == ("", "Gemm") and not gemm_reason(node):
+        trans_b = "transB" in node.attributes and node.attributes["transB"].as_int()
+        why = _sole_const(node.inputs[1], k, axis_last=False)
+        if why:
+            return [], why
+        plan = [(node, 1, "rows" if trans_b else "columns")]
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            why = _sole_const(node.inputs[2], k)
+            if why:
+                return [], why
+            plan.append((node, 2, "vector"))
+        return plan, ""
+    return [], f"producer {node.op_type} cannot absorb a per-channel scale"
+
+
+def _plan_matmul_columns(node: ir.Node, k: int) -> tuple[list[tuple[ir.Node, int, str]], str]:
+    tensor, reason = const_tensor(node.inputs[1])
+    if tensor is None:
+        return [], f"producer MatMul: {reason}"
+    dims = [int(d) for d in tensor.shape]
+    if len(dims) < 2 or dims[-1] != k or len(list(node.inputs[1].uses())) != 1:
+        return [], "producer MatMul weight is shared or not [*, K]"
+    return [(node, 1, "columns")], ""
+
+
+def _replace_const(node: ir.Node, idx: int, how: str, s: np.ndarray, inverse: bool, ctx: QuantContext) -> None:
+    old = node.inputs[idx]
+    tensor, _ = const_tensor(old)
+    arr = np.asarray(tensor.numpy())
+    factor = (1.0 / s if inverse else s).astype(np.float64)
+    # "rows": along axis -2 (the K of a [.., K, N] weight); "columns" / "vector": the last axis
+    new = arr * factor[:, None] if how == "rows" else arr * factor
+    value = ir.Value(name=ctx.unique_name(f"{old.name}_awq"), shape=ir.Shape(arr.shape),
+                     type=ir.TensorType(tensor.dtype), const_value=ir.Tensor(new.astype(arr.dtype)))
+    graph = node.graph
+    graph.register_initializer(value)
+    node.replace_input_with(idx, value)
+
+
+def _targets(x: ir.Value, ctx: QuantContext) -> tuple[list[tuple[ir.Node, WeightRef]], str]:
+    out = []
+    for use in x.uses():
+        node = use.node
+        if use.idx != 0 or _domain(node) != "" or node.op_type not in ("MatMul", "Gemm"):
+            return [], f"the activation also feeds {node.op_type} {node.name!r}"
+        if node.op_type == "Gemm" and gemm_reason(node):
+            return [], gemm_reason(node)
+        trans = node.op_type == "Gemm" and "transB" in node.attributes and node.attributes["transB"].as_int()
+        ref, reason = resolve_weight(node, node.inputs[1], bool(trans), ctx)
+        if ref is None:
+            return [], f"{node.name!r}: {reason}"
+        if ref.value is not node.inputs[1] or len(list(ref.value.uses())) != 1:
+            return [], f"weight of {node.name!r} is shared or transposed"
+        out.append((node, ref))
+    return out, ""
+
+
+def fold_awq_scales(model: ir.Model, config: WeightOnlyConfig, stats: dict[str, LayerStats],
+                    ctx: QuantContext) -> dict[str, list[str]]:
+    """Scale weights and fold ``1/s`` into producers; updates ``stats`` to the scaled activations.
+
+    Returns notes per node name (for the report).
+    """
+    awq, _ = get_algorithm("awq")
+    notes: dict[str, list[str]] = {}
+    values = {v.name: v for node in model.graph for v in node.outputs if v.name}
+    for name, layer in list(stats.items()):
+        x = values.get(name)
+        if x is None or layer.rows == 0:
+            continue
+        targets, why = _targets(x, ctx)
+        plan: list = []
+        if targets:
+            plan, why = _plan_producer(x, layer.k)
+        if not targets or why:
+            for use in x.uses():
+                notes.setdefault(use.node.name or "", []).append(f"awq: input scaling not foldable ({why}): clip search only")
+            continue
+        w_cat = np.concatenate([ref.numpy().astype(np.float32) for _, ref in targets], axis=1)
+        spec = config.spec_for(names_of(targets[0][0], targets[0][1].value), layer.k)
+        result = awq(w_cat, replace(spec, float_zero_points=False), layer, clip=False)
+        s = np.asarray(result.input_scale, dtype=np.float64)
+        for node, idx, how in plan:
+            _replace_const(node, idx, how, s, inverse=True, ctx=ctx)
+        for node, ref in targets:
+            _replace_const(node, 1, "columns" if ref.transpose else "rows", s, inverse=False, ctx=ctx)
+            producer = x.producer()
+            notes.setdefault(node.name or "", []).append(
+                f"awq: input scale folded into {producer.op_type} {producer.name!r} ({result.notes[0] if result.notes else ''})")
+        stats[name] = LayerStats(layer.k, xtx=layer.xtx / np.outer(s, s), abs_sum=layer.abs_sum / s, rows=layer.rows)
+    return notes
