@@ -18,7 +18,10 @@ from .packing import (
 from .config import NodeOverride, WeightOnlyConfig
 from .quantize import quantize
 from .report import QuantReport
+from . import ops
 from .utility import make_matmul_weight_only_node, pad_tensor, prepare_inputs, qdq_tensor, quant_tensor
+
+from .validate import ValidationInputError, ValidationReport, validate  # noqa: E402  (the function)
 
 __version__ = "0.1.0"
 
@@ -28,6 +31,10 @@ __all__ = [
     "QuantReport",
     "WeightOnlyConfig",
     "quantize",
+    "validate",
+    "ValidationReport",
+    "ValidationInputError",
+    "ops",
     "make_matmul_weight_only_node",
     "pad_tensor",
     "prepare_inputs",

@@ -232,7 +232,6 @@ def test_idempotent():
 def test_name_collisions():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((64, 16)).astype(np.float32)
-    other = rng.standard_normal((4,)).astype(np.float32)
     m = make_model([helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"), helper.make_node("Add", ["h", "W_Q4G32"], ["y0"]),
                     helper.make_node("Add", ["y0", "W_scales"], ["y"])],
                    [vi("x", ["M", 64])], [vi("y", ["M", 16])],
