@@ -55,6 +55,18 @@ class WeightOnlyRule(RewriteRuleClassBase):
         self._node, self._ref = node, ref
         return result
 
+    def named(self, output: ir.Value) -> ir.Value:
+        """Name the new nodes behind ``output`` after the node they replace (``<name>/<op>``)."""
+        base = (self._node.name if self._node is not None else "") or "weight_only"
+        todo = [output.producer()]
+        while todo:
+            node = todo.pop()
+            if node is None or node.name or node.graph is not None:
+                continue
+            node.name = self.ctx.unique_name(f"{base}/{node.op_type}")
+            todo.extend(v.producer() for v in node.inputs if v is not None)
+        return output
+
     def quantized(self, activation: ir.Value):
         """``(entry, spec)`` for the weight found by ``check``."""
         node, ref = self._node, self._ref

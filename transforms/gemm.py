@@ -23,6 +23,9 @@ class GemmWeightOnly(WeightOnlyRule):
         return resolve_weight(node, b, bool(trans_b), self.ctx)
 
     def rewrite(self, op, a, b, **_):
+        return self.named(self._rewrite(op, a, b))
+
+    def _rewrite(self, op, a, b):
         node = self._node
         entry, spec = self.quantized(a)
         ref = entry.ref

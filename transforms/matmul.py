@@ -39,4 +39,4 @@ class MatMulWeightOnly(WeightOnlyRule):
     def rewrite(self, op, x, w, **_):
         entry, spec = self.quantized(x)
         ref = entry.ref
-        return entry.emitter.emit(op, x, entry.values, spec, ref.k, ref.n, None, self.ctx.config.accuracy_level)
+        return self.named(entry.emitter.emit(op, x, entry.values, spec, ref.k, ref.n, None, self.ctx.config.accuracy_level))

@@ -40,4 +40,4 @@ class MatMulAddWeightOnly(WeightOnlyRule):
         shape = [int(d) for d in b.shape] if b.shape is not None else None
         if shape != [ref.n]:
             bias = op.Reshape(b, op.Constant(value_ints=[ref.n]))
-        return entry.emitter.emit(op, x, entry.values, spec, ref.k, ref.n, bias, self.ctx.config.accuracy_level)
+        return self.named(entry.emitter.emit(op, x, entry.values, spec, ref.k, ref.n, bias, self.ctx.config.accuracy_level))
