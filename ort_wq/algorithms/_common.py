@@ -57,10 +57,10 @@ def check_weight(w: np.ndarray, spec: QuantSpec) -> np.ndarray:
         raise ValueError(f"weight must be 2-D [K, N], got shape {w.shape}")
     if not np.issubdtype(w.dtype, np.floating):
         raise ValueError(f"weight must be a float array, got dtype {w.dtype}")
-    if spec.bits not in (2, 3, 4, 5, 6, 7, 8):
-        raise ValueError(f"bits={spec.bits} is not supported; use 2..8")
-    if spec.block_size < 1:
-        raise ValueError(f"block_size={spec.block_size} must be positive")
+    if not isinstance(spec.bits, (int, np.integer)) or not 1 <= spec.bits <= 8:
+        raise ValueError(f"bits={spec.bits!r} is not supported; use 1..8 (the kernel runs 2, 4, 8)")
+    if not isinstance(spec.block_size, (int, np.integer)) or spec.block_size < 1:
+        raise ValueError(f"block_size={spec.block_size!r} must be a positive integer")
     if not np.all(np.isfinite(w)):
         raise ValueError("weight contains NaN or Inf")
     return w
@@ -240,14 +240,14 @@ def search_clip(
             s, z = minmax_params(lo, hi, spec, float(r), dtype)
             err = group_error(xc, s, z, maxq, mask, hblocks)
             if best_err is None:
-                best_err, bs_, bz = err, s, z
+                best_err, best_s, best_z = err, s, z
             else:
                 better = err < best_err
                 best_err = np.where(better, err, best_err)
-                bs_ = np.where(better, s, bs_)
-                bz = np.where(better, z, bz)
-        scale[c0:c1] = bs_
-        zp[c0:c1] = bz
+                best_s = np.where(better, s, best_s)
+                best_z = np.where(better, z, best_z)
+        scale[c0:c1] = best_s
+        zp[c0:c1] = best_z
 
     run_chunks(one, n, kb * bs)
     return scale, zp
@@ -256,10 +256,11 @@ def search_clip(
 def hessian_blocks(h: np.ndarray, k: int, bs: int) -> np.ndarray:
     """Diagonal ``bs x bs`` blocks of ``H[K, K]`` as float32 ``[kb, bs, bs]`` (padding zero)."""
     kb = -(-k // bs)
-    hp = np.zeros((kb * bs, kb * bs), dtype=np.float32)
-    hp[:k, :k] = h
-    idx = np.arange(kb)
-    return hp.reshape(kb, bs, kb, bs)[idx, :, idx, :]
+    out = np.zeros((kb, bs, bs), dtype=np.float32)
+    for g in range(kb):
+        g0, g1 = g * bs, min(k, (g + 1) * bs)
+        out[g, : g1 - g0, : g1 - g0] = h[g0:g1, g0:g1]
+    return out
 
 
 def finalize(
@@ -299,3 +300,15 @@ def finalize(
     else:
         zero_point = zpr.astype(np.uint8)
     return QuantizedWeight(q, scale.astype(dtype), zero_point, spec.bits, k)
+
+
+def rtn_dequant(w: np.ndarray, spec: QuantSpec, dtype) -> np.ndarray:
+    """Min/max round-to-nearest then dequantize: float32 ``[K, N]`` (the helpers' RTN, see module doc)."""
+    k, n = w.shape
+    x, mask = group_view(w, spec.block_size)
+    lo, hi = masked_minmax(x, mask)
+    s, z = minmax_params(lo, hi, spec, 1.0, dtype)
+    q = quantize(x, s, z, maxq_of(spec.bits))
+    q -= z[..., None]
+    q *= s[..., None]
+    return q.reshape(n, -1)[:, :k].T

@@ -11,9 +11,14 @@ What is optimised depends on what the format can store:
   point, free (HQQ's own setting), plus -- our extension, on by default -- the scale, both by
   the joint least-squares fit of ``W - W_e`` on the codes.
 - asymmetric, integer zero points: the same, with the zero point rounded and clipped to
-  ``[0, 2^b-1]`` after every update (projected HQQ).
+  ``[0, 2^b-1]`` after every update (projected HQQ). The scale update is what makes this work:
+  a zero-point-only update (``optimize_scale=False``) almost always rounds back to where it was.
 - symmetric: the zero point is fixed by the kernel (``2^(b-1)``), so only the scale is
   optimised (least squares ``s = <W - W_e, Q - z> / ||Q - z||^2``).
+
+Registered with ``float_zero_points=True``: the transform gives HQQ float zero points wherever the
+target stores them (MatMulNBits 2/4-bit). MiniLM, 4-bit asym, mean cosine to fp32: block 32
+0.9761 (float zp) vs 0.9748 (uint8 zp), block 128 0.9549 vs 0.9538.
 
 Differences from the reference implementation (documented choices):
 
@@ -23,8 +28,8 @@ Differences from the reference implementation (documented choices):
   transformer weights it never fires and the method reduces to alternating least squares).
 - Symmetric runs start from the rtn-clip grid search (``init="auto"``).
 - Instead of stopping the whole tensor when the mean error stops improving, every group keeps
-  its own best iterate under the squared reconstruction error (the min/max start is iterate 0,
-  so no group ends worse than min/max rounding).
+  its own best iterate under the squared reconstruction error (the start -- min/max, or the clip
+  search -- is iterate 0, so no group ends worse than its start).
 """
 
 from __future__ import annotations
@@ -115,7 +120,7 @@ def _hqq_chunk(x, mask, spec, dtype, iters, lp_norm, beta, kappa, optimize_scale
     return best_s, best_z
 
 
-@register("hqq")
+@register("hqq", float_zero_points=True)
 def hqq(
     w: np.ndarray,
     spec: QuantSpec,
