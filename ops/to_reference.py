@@ -17,19 +17,15 @@ data: the graph is serialised on its own and onnxruntime reads the data files fr
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from ort_wq.model_io import PROTO_LIMIT, as_ir_model, save_model
+from ort_wq.model_io import as_ir_model, inference_session
 
 from .matmul_fpq4 import evaluate_matmul_fpq4
 from .matmul_nbits import evaluate_matmul_nbits
@@ -228,37 +224,6 @@ def probe_quantized_nodes(model: ir.Model) -> tuple[ir.Model, list[NodeProbe]]:
                 exposed.add(value.name)
         probes.append(NodeProbe(node_label(node, index), node, sources))
     return clone, probes
-
-
-def _tensors(model: ir.Model) -> list[ir.TensorProtocol]:
-    graphs = [model.graph, *model.graph.subgraphs()]
-    return [v.const_value for g in graphs for v in g.initializers.values() if v.const_value is not None]
-
-
-def inference_session(
-    model: ir.Model, sess_options: ort.SessionOptions | None = None, providers: list[str] | None = None
-) -> ort.InferenceSession:
-    """An onnxruntime session for an in-memory ``ir.Model``, external data included.
-
-    The graph is serialised without its external tensors and onnxruntime is told the folder they
-    live in (``session.model_external_initializers_file_folder_path``), so nothing is copied. A
-    model whose in-memory tensors would exceed the 2 GB protobuf limit (or whose external data
-    lives in several folders) is saved to a temporary folder first. ``sess_options`` is modified.
-    """
-    so = sess_options if sess_options is not None else ort.SessionOptions()
-    providers = providers or ["CPUExecutionProvider"]
-    tensors = _tensors(model)
-    folders = {os.path.abspath(t.base_dir) for t in tensors if isinstance(t, ir.ExternalTensor)}
-    in_memory = sum(t.nbytes for t in tensors if not isinstance(t, ir.ExternalTensor))
-    if len(folders) <= 1 and in_memory < PROTO_LIMIT:
-        proto: onnx.ModelProto = ir.serde.serialize_model(model)
-        if folders:
-            so.add_session_config_entry("session.model_external_initializers_file_folder_path", folders.pop())
-        return ort.InferenceSession(proto.SerializeToString(), so, providers=providers)
-    with tempfile.TemporaryDirectory(prefix="ort_wq_", ignore_cleanup_errors=True) as tmp:
-        path = Path(tmp) / "model.onnx"
-        save_model(model, path, external_data=True)
-        return ort.InferenceSession(str(path), so, providers=providers)
 
 
 def reference_session(

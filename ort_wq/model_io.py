@@ -16,7 +16,9 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-__all__ = ["ModelInputError", "load_model", "save_model", "as_ir_model", "has_external_data", "PROTO_LIMIT"]
+__all__ = [
+    "ModelInputError", "load_model", "save_model", "as_ir_model", "has_external_data", "inference_session", "PROTO_LIMIT",
+]
 
 # protobuf cannot serialise a message of 2 GiB or more; stay below it with room for the graph
 PROTO_LIMIT = 2**31 - 2**26
@@ -140,3 +142,36 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
         return written
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tensors(model: ir.Model) -> list[ir.TensorProtocol]:
+    graphs = [model.graph, *model.graph.subgraphs()]
+    return [v.const_value for g in graphs for v in g.initializers.values() if v.const_value is not None]
+
+
+def inference_session(
+    model: ir.Model, sess_options: Any = None, providers: list[str] | None = None
+) -> Any:
+    """An onnxruntime session for an in-memory ``ir.Model``, external data included.
+
+    The graph is serialised without its external tensors and onnxruntime is told the folder they
+    live in (``session.model_external_initializers_file_folder_path``), so nothing is copied. A
+    model whose in-memory tensors would exceed the 2 GB protobuf limit (or whose external data
+    lives in several folders) is saved to a temporary folder first. ``sess_options`` is modified.
+    """
+    import onnxruntime as ort
+
+    so = sess_options if sess_options is not None else ort.SessionOptions()
+    providers = providers or ["CPUExecutionProvider"]
+    tensors = _tensors(model)
+    folders = {os.path.abspath(t.base_dir) for t in tensors if isinstance(t, ir.ExternalTensor)}
+    in_memory = sum(t.nbytes for t in tensors if not isinstance(t, ir.ExternalTensor))
+    if len(folders) <= 1 and in_memory < PROTO_LIMIT:
+        proto: onnx.ModelProto = ir.serde.serialize_model(model)
+        if folders:
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", folders.pop())
+        return ort.InferenceSession(proto.SerializeToString(), so, providers=providers)
+    with tempfile.TemporaryDirectory(prefix="ort_wq_", ignore_cleanup_errors=True) as tmp:
+        path = Path(tmp) / "model.onnx"
+        save_model(model, path, external_data=True)
+        return ort.InferenceSession(str(path), so, providers=providers)

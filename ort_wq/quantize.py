@@ -50,8 +50,7 @@ def quantize(
             raise ValueError(f"algorithm {config.algorithm!r} needs calibration data (calibration=...)")
         from .algorithms.calibration import collect_stats
 
-        stats = collect_stats(ir_model, calibration, config, source=model if kind == "path" else None,
-                              progress=progress)
+        stats = collect_stats(ir_model, calibration, config, progress=progress)
     from .transforms import WeightOnlyQuantPass
 
     qpass = WeightOnlyQuantPass(config, stats=stats, progress=progress)

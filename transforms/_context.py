@@ -86,6 +86,8 @@ class QuantContext:
     def executor(self) -> ThreadPoolExecutor:
         if self._executor is None:
             workers = self.config.threads or os.cpu_count() or 1
+            if get_algorithm(self.config.algorithm)[1]:
+                workers = 1  # GPTQ/AWQ spend their time in multithreaded BLAS: one weight at a time
             self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ort-wq")
         return self._executor
 

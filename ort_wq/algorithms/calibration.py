@@ -8,7 +8,6 @@ target activation; each batch is folded into :class:`LayerStats` (``X^T X`` and 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import onnx
 import onnx_ir as ir
 
 from ..config import WeightOnlyConfig
-from ..model_io import PROTO_LIMIT, ModelInputError, model_nbytes
+from ..model_io import ModelInputError, inference_session
 from .base import LayerStats
 
 _NP_OF = {
@@ -114,7 +113,6 @@ def collect_stats(
     calibration: Any,
     config: WeightOnlyConfig,
     *,
-    source: Any = None,
     progress: bool = False,
 ) -> dict[str, LayerStats]:
     """Run the calibration batches and return the statistics of every target activation."""
@@ -133,29 +131,22 @@ def collect_stats(
     so = ort.SessionOptions()
     so.log_severity_level = 3
     try:
-        with tempfile.TemporaryDirectory(prefix="ort-wq-calib-") as tmp:
-            if model_nbytes(model) < PROTO_LIMIT:
-                src: Any = ir.serde.serialize_model(model).SerializeToString()
-            else:
-                src = os.path.join(tmp, "calib.onnx")
-                ir.save(model, src, external_data="calib.onnx.data")
-            sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
-            del src
-            names = list(targets)
-            batches = iter_batches(calibration)
-            if progress:
-                from tqdm import tqdm
+        sess = inference_session(model, so)
+        names = list(targets)
+        batches = iter_batches(calibration)
+        if progress:
+            from tqdm import tqdm
 
-                batches = tqdm(batches, desc="calibrating", unit="batch", leave=False)
-            seen = 0
-            for i, batch in enumerate(batches):
-                feeds = _check_feeds(batch, proto_inputs, i)
-                outs = sess.run(names, feeds)
-                for name, x in zip(names, outs):
-                    stats[name].update(x)
-                seen += 1
-            if not seen:
-                raise ModelInputError("calibration data holds no batch")
+            batches = tqdm(batches, desc="calibrating", unit="batch", leave=False)
+        seen = 0
+        for i, batch in enumerate(batches):
+            feeds = _check_feeds(batch, proto_inputs, i)
+            outs = sess.run(names, feeds)
+            for name, x in zip(names, outs):
+                stats[name].update(x)
+            seen += 1
+        if not seen:
+            raise ModelInputError("calibration data holds no batch")
     finally:
         for v in extra:
             model.graph.outputs.remove(v)

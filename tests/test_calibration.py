@@ -1,0 +1,142 @@
+"""Calibration statistics, the calibration algorithms end to end, and AWQ's graph folding."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from ort_wq import WeightOnlyConfig, quantize
+from ort_wq.algorithms.calibration import collect_stats, npz_batches
+from ort_wq.cli import main
+from ort_wq.demo import build_transformer
+from ort_wq.transforms._context import QuantContext
+from ort_wq.transforms.awq_fold import fold_awq_scales
+
+from .helpers import run_model
+from .models import matmul_model
+
+VOCAB = 300
+
+
+def _lm(outliers: int):
+    model = build_transformer(layers=2, hidden=128, vocab=VOCAB, outlier_channels=outliers, seed=3)
+    rng = np.random.default_rng(0)
+    calib = [{"input_ids": rng.integers(0, VOCAB, (4, 32), dtype=np.int64)} for _ in range(6)]
+    evaluation = {"input_ids": rng.integers(0, VOCAB, (6, 32), dtype=np.int64)}
+    return model, calib, evaluation
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return _lm(0)
+
+
+@pytest.fixture(scope="module")
+def lm_outliers():
+    return _lm(4)
+
+
+def test_stats_are_x_transpose_x():
+    model, _ = matmul_model(k=64, n=16)
+    rng = np.random.default_rng(0)
+    batches = [{"x": rng.standard_normal((5, 64)).astype(np.float32)} for _ in range(3)]
+    stats = collect_stats(ir.serde.deserialize_model(model), batches, WeightOnlyConfig())
+    x = np.concatenate([b["x"] for b in batches]).astype(np.float64)
+    assert stats["x"].rows == 15
+    np.testing.assert_allclose(stats["x"].xtx, x.T @ x, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats["x"].abs_mean, np.abs(x).mean(0), rtol=1e-6)
+
+
+def _rel_error(model, q, feeds):
+    (ref,) = run_model(model, feeds)
+    (out,) = run_model(q, feeds)
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_every_algorithm_beats_rtn_and_runs(lm, sym):
+    model, calib, feeds = lm
+    errors = {}
+    for alg in ("rtn", "rtn-clip", "hqq", "gptq", "awq"):
+        cfg = WeightOnlyConfig(bits=4, block_size=32, symmetric=sym, algorithm=alg, accuracy_level=0)
+        q, report = quantize(model, cfg, calibration=calib, return_report=True)
+        assert {c.algorithm for c in report.converted} == {alg}
+        assert sum(n.op_type == "MatMulNBits" for n in q.graph.node) == len(report.converted) == 13
+        errors[alg] = _rel_error(model, q, feeds)
+    for alg in ("rtn-clip", "hqq", "gptq", "awq"):
+        assert errors[alg] < errors["rtn"], errors
+    assert errors["gptq"] < 0.85 * errors["rtn"], errors
+
+
+def test_activation_aware_beat_rtn_with_outlier_channels(lm_outliers):
+    model, calib, feeds = lm_outliers
+    errors = {}
+    for alg in ("rtn", "gptq", "awq"):
+        cfg = WeightOnlyConfig(bits=4, block_size=128, symmetric=True, algorithm=alg, accuracy_level=0)
+        errors[alg] = _rel_error(model, quantize(model, cfg, calibration=calib), feeds)
+    assert errors["gptq"] < 0.85 * errors["rtn"] and errors["awq"] < 0.85 * errors["rtn"], errors
+
+
+def test_hqq_float_zero_points_for_4bit_asym(lm):
+    model, _, feeds = lm
+    q = quantize(model, WeightOnlyConfig(algorithm="hqq", symmetric=False, accuracy_level=0))
+    nodes = [n for n in q.graph.node if n.op_type == "MatMulNBits"]
+    inits = {i.name: i for i in q.graph.initializer}
+    assert all(inits[n.input[3]].data_type == onnx.TensorProto.FLOAT for n in nodes)
+    q8 = quantize(model, WeightOnlyConfig(algorithm="hqq", symmetric=False, bits=8, accuracy_level=0))
+    inits8 = {i.name: i for i in q8.graph.initializer}
+    assert all(inits8[n.input[3]].data_type == onnx.TensorProto.UINT8 for n in q8.graph.node if n.op_type == "MatMulNBits")
+    assert _rel_error(model, q, feeds) < 0.2
+
+
+def test_awq_folding_is_exact(lm_outliers):
+    model, calib, feeds = lm_outliers
+    ir_model = ir.serde.deserialize_model(model)
+    cfg = WeightOnlyConfig(algorithm="awq")
+    stats = collect_stats(ir_model, calib, cfg)
+    ctx = QuantContext(cfg)
+    ctx.setup(ir_model)
+    notes = fold_awq_scales(ir_model, cfg, stats, ctx)
+    folded = [n for n, msgs in notes.items() if any("folded into LayerNormalization" in m for m in msgs)]
+    assert len(folded) == 8  # q, k, v and mlp.up of both layers
+    assert any("not foldable" in m for msgs in notes.values() for m in msgs)  # Gelu -> down, attention -> o
+    (ref,) = run_model(model, feeds)
+    (out,) = run_model(ir.serde.serialize_model(ir_model), feeds)
+    np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
+
+
+def test_cli_calibration(tmp_path, lm, capsys):
+    model, calib, feeds = lm
+    src, out = tmp_path / "lm.onnx", tmp_path / "q.onnx"
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # saving with external data rewrites the proto it is given
+    onnx.save_model(copy, src, save_as_external_data=True, location="lm.onnx.data", size_threshold=0)
+    npz = tmp_path / "calib.npz"
+    np.savez(npz, input_ids=np.concatenate([b["input_ids"] for b in calib]))
+    rc = main(["quantize", str(src), str(out), "--algorithm", "gptq", "--calibration", str(npz),
+               "--calibration-batches", "3", "--calibration-batch-size", "4", "--accuracy-level", "0"])
+    assert rc == 0
+    assert "algorithm: gptq" in capsys.readouterr().out
+    assert _rel_error(model, str(out), feeds) < 0.5
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, ids=np.zeros((4, 8), np.int64))
+    assert main(["quantize", str(src), str(out), "--algorithm", "awq", "--calibration", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "ids" in err and "input_ids" in err and len(err.strip().splitlines()) == 1
+    floats = tmp_path / "floats.npz"
+    np.savez(floats, input_ids=np.zeros((4, 8), np.float32))
+    assert main(["quantize", str(src), str(out), "--algorithm", "awq", "--calibration", str(floats)]) == 2
+    assert "float32" in capsys.readouterr().err
+
+
+def test_npz_batches(tmp_path):
+    f = tmp_path / "c.npz"
+    np.savez(f, a=np.zeros((10, 3)), b=np.ones((10, 2)))
+    batches = npz_batches(f, 4)
+    assert [len(b["a"]) for b in batches] == [4, 4, 2]
+    assert len(npz_batches(f, 4, 2)) == 2
+    np.savez(f, a=np.zeros((10, 3)), b=np.ones((9, 2)))
+    with pytest.raises(ValueError, match="same batch size"):
+        npz_batches(f)
