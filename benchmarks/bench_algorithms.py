@@ -1,0 +1,128 @@
+"""Accuracy of the algorithms side by side with onnxruntime's quantizer.
+
+On the shared MiniLM model: onnxruntime's ``MatMulNBitsQuantizer`` (default algorithm) and each
+of ours at 4-bit, block 32 and 128, sym and asym. Calibration uses rows 0-127 of
+``dev_inputs.npz``; quality (mean cosine of the embeddings to fp32, nearest-neighbour agreement)
+is measured on rows 128-255. Then a generated LM-like model with outlier activation channels,
+where the activation-aware algorithms must beat round-to-nearest. Prints tables and rewrites
+its section of ``benchmarks/README.md``.
+
+    python benchmarks/bench_algorithms.py [--algorithms rtn,hqq,...] [--blocks 32,128] [--no-readme]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import _minilm as M  # noqa: E402
+
+from ort_wq import WeightOnlyConfig, quantize  # noqa: E402
+
+ALGORITHMS = ["rtn", "rtn-clip", "hqq", "gptq", "awq"]
+
+
+def _ort(src: str, out: str, block: int, sym: bool) -> float:
+    t = time.perf_counter()
+    cmd = [sys.executable, os.path.join(HERE, "_ort_quantize.py"), src, out, "--bits", "4", "--block-size", str(block),
+           "--sym" if sym else "--asym", "--accuracy-level", "0"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return time.perf_counter() - t
+
+
+def _ours(src, out: str, algorithm: str, block: int, sym: bool, calibration) -> float:
+    cfg = WeightOnlyConfig(bits=4, block_size=block, symmetric=sym, algorithm=algorithm, accuracy_level=0)
+    t = time.perf_counter()
+    quantize(src, cfg, output=out, calibration=calibration if algorithm in ("gptq", "awq") else None)
+    return time.perf_counter() - t
+
+
+def minilm_table(algorithms: list[str], blocks: list[int]) -> list[str]:
+    calib_rows, eval_rows = slice(0, 128), slice(128, 256)
+    calib = M.inputs(calib_rows)
+    calibration = [{k: v[i : i + 16] for k, v in calib.items()} for i in range(0, 128, 16)]
+    feeds = M.inputs(eval_rows)
+    ref = M.embed(M.MINILM, feeds)
+    rows = ["| quantizer | block | scheme | cosine | nn-agree | time s |", "| --- | --- | --- | --- | --- | --- |"]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "q.onnx")
+        for block in blocks:
+            for sym in (True, False):
+                scheme = "sym" if sym else "asym"
+                dt = _ort(str(M.MINILM), out, block, sym)
+                cos, nn = M.quality(ref, M.embed(out, feeds))
+                rows.append(f"| onnxruntime MatMulNBitsQuantizer | {block} | {scheme} | {cos:.4f} | {nn:.3f} | {dt:.1f} |")
+                print(rows[-1], flush=True)
+                for alg in algorithms:
+                    dt = _ours(str(M.MINILM), out, alg, block, sym, calibration)
+                    cos, nn = M.quality(ref, M.embed(out, feeds))
+                    rows.append(f"| ort-wq {alg} | {block} | {scheme} | {cos:.4f} | {nn:.3f} | {dt:.1f} |")
+                    print(rows[-1], flush=True)
+    return rows
+
+
+def lm_table(algorithms: list[str], block: int = 128) -> list[str]:
+    import onnxruntime as ort
+
+    from ort_wq.demo import build_transformer
+
+    model = build_transformer(layers=4, hidden=512, vocab=2000, outlier_channels=8, seed=1)
+    rng = np.random.default_rng(0)
+    calibration = [{"input_ids": rng.integers(0, 2000, (4, 64), dtype=np.int64)} for _ in range(8)]
+    ev = {"input_ids": rng.integers(0, 2000, (8, 64), dtype=np.int64)}
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, ev)[0]
+
+    ref = run(model).reshape(-1, 2000).astype(np.float64)
+    rows = ["| algorithm | scheme | rel. L2 error of logits | top-1 agree | time s |", "| --- | --- | --- | --- | --- |"]
+    for sym in (True, False):
+        for alg in algorithms:
+            cfg = WeightOnlyConfig(bits=4, block_size=block, symmetric=sym, algorithm=alg, accuracy_level=0)
+            t = time.perf_counter()
+            q = quantize(model, cfg, calibration=calibration if alg in ("gptq", "awq") else None)
+            dt = time.perf_counter() - t
+            out = run(q).reshape(-1, 2000).astype(np.float64)
+            rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+            top1 = np.mean(out.argmax(1) == ref.argmax(1))
+            rows.append(f"| {alg} | {'sym' if sym else 'asym'} | {rel:.4f} | {top1:.3f} | {dt:.1f} |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--algorithms", default=",".join(ALGORITHMS))
+    ap.add_argument("--blocks", default="32,128")
+    ap.add_argument("--no-readme", action="store_true", help="do not rewrite benchmarks/README.md")
+    args = ap.parse_args()
+    algorithms = args.algorithms.split(",")
+    blocks = [int(b) for b in args.blocks.split(",")]
+    sections = []
+    if M.available():
+        print("MiniLM (4-bit, accuracy_level 0; calibrate rows 0-127, evaluate rows 128-255)")
+        sections += ["### MiniLM sentence embedder, 4-bit", "", *minilm_table(algorithms, blocks), ""]
+    else:
+        print(f"skipping MiniLM: {M.MINILM} not found")
+    print("generated LM-like model with outlier channels (4 layers, hidden 512, 4-bit block 128)")
+    sections += ["### Generated LM-like model with outlier activation channels (4 layers, hidden 512, block 128)", "",
+                 *lm_table(algorithms), ""]
+    if not args.no_readme:
+        from _report import update_section
+
+        update_section("algorithms", "\n".join([f"Measured with `python benchmarks/bench_algorithms.py` "
+                                                 f"({os.cpu_count()} cores).", "", *sections]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
