@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -111,6 +113,100 @@ def model_nbytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
+class ExternalDataSink:
+    """Appends tensors to one external-data file as they are produced (thread-safe).
+
+    Each ``put`` writes the bytes at a 64-byte aligned offset and returns an ``ir.ExternalTensor``
+    pointing at them, so the data leaves memory as soon as it is computed.
+    """
+
+    ALIGN = 64
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.folder, self.name = folder, name
+        self._file = open(folder / name, "wb")  # noqa: SIM115 - closed by close()
+        self._offset = 0
+        self._lock = threading.Lock()
+
+    def put(self, name: str, array: np.ndarray) -> ir.ExternalTensor:
+        data = np.ascontiguousarray(array)
+        tensor = ir.Tensor(data, name=name)
+        raw = tensor.tobytes()
+        with self._lock:
+            pad = -self._offset % self.ALIGN
+            if pad:
+                self._file.write(b"\0" * pad)
+            offset = self._offset + pad
+            self._file.write(raw)
+            self._offset = offset + len(raw)
+        return ir.ExternalTensor(self.name, offset, len(raw), tensor.dtype, shape=tensor.shape, name=name,
+                                 base_dir=str(self.folder))
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
+class AtomicModelWriter:
+    """Writes a model into a temporary folder beside ``path``; files move into place only in ``finish``.
+
+    With ``external_data``, :attr:`sink` streams tensors to ``<name>.data`` while the model is being
+    built; ``finish`` moves the initializers still held in memory or in other files there too.
+    Used as a context manager: leaving it without ``finish`` (an error) removes everything.
+    """
+
+    def __init__(self, path: str | os.PathLike, external_data: bool) -> None:
+        self.dest = Path(path)
+        if self.dest.is_dir():
+            raise ModelInputError(f"{self.dest}: is a folder; give a file name for the output model")
+        self.parent = self.dest.parent if str(self.dest.parent) else Path(".")
+        if not self.parent.exists():
+            raise ModelInputError(f"{self.parent}: output folder does not exist")
+        self.external_data = external_data
+        self.tmp: Path | None = None
+        self.sink: ExternalDataSink | None = None
+
+    def __enter__(self) -> AtomicModelWriter:
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", suffix=".tmp", dir=self.parent))
+        if self.external_data:
+            self.sink = ExternalDataSink(self.tmp, self.dest.name + ".data")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.sink is not None:
+            self.sink.close()
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def finish(self, model: ir.Model) -> list[Path]:
+        """Write the graph (and the remaining tensors), then rename the files into place."""
+        assert self.tmp is not None, "use AtomicModelWriter as a context manager"
+        written = []
+        if self.sink is not None:
+            sink = self.sink
+            for graph in (model.graph, *model.graph.subgraphs()):
+                for value in graph.initializers.values():
+                    t = value.const_value
+                    mine = isinstance(t, ir.ExternalTensor) and Path(t.base_dir) == sink.folder
+                    if t is not None and not mine and t.nbytes >= 1024:
+                        value.const_value = sink.put(t.name or value.name, t.numpy())
+                        if isinstance(t, ir.ExternalTensor):
+                            try:
+                                t.release()
+                            except BufferError:
+                                pass
+            sink.close()
+            ir.save(model, self.tmp / self.dest.name)
+            os.replace(self.tmp / sink.name, self.parent / sink.name)
+            written.append(self.parent / sink.name)
+            ir.external_data.set_base_dir(model.graph, str(self.parent))
+        else:
+            ir.save(model, self.tmp / self.dest.name)
+        os.replace(self.tmp / self.dest.name, self.dest)
+        written.append(self.dest)
+        return written
+
+
 def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> list[Path]:
     """Save ``model`` to ``path`` atomically; returns the files written.
 
@@ -118,30 +214,10 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
     large for one protobuf. Files are written in a temporary folder beside ``path`` and renamed
     into place only after the whole save succeeded.
     """
-    dest = Path(path)
-    if dest.is_dir():
-        raise ModelInputError(f"{dest}: is a folder; give a file name for the output model")
-    parent = dest.parent if str(dest.parent) else Path(".")
-    if not parent.exists():
-        raise ModelInputError(f"{parent}: output folder does not exist")
     if external_data is None:
         external_data = has_external_data(model) or model_nbytes(model) >= PROTO_LIMIT
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=parent))
-    try:
-        data_name = dest.name + ".data"
-        if external_data:
-            ir.save(model, tmp / dest.name, external_data=data_name, max_workers=os.cpu_count() or 1)
-        else:
-            ir.save(model, tmp / dest.name)
-        written = []
-        if external_data:
-            os.replace(tmp / data_name, parent / data_name)
-            written.append(parent / data_name)
-        os.replace(tmp / dest.name, dest)
-        written.append(dest)
-        return written
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with AtomicModelWriter(path, external_data) as writer:
+        return writer.finish(model)
 
 
 def _tensors(model: ir.Model) -> list[ir.TensorProtocol]:

@@ -10,7 +10,7 @@ import onnx
 import onnx_ir as ir
 
 from .config import WeightOnlyConfig
-from .model_io import PROTO_LIMIT, ModelInputError, as_ir_model, has_external_data, model_nbytes, save_model
+from .model_io import PROTO_LIMIT, AtomicModelWriter, ModelInputError, as_ir_model, has_external_data, model_nbytes
 from .report import QuantReport
 
 
@@ -41,7 +41,7 @@ def quantize(
             raise ModelInputError(f"output {os.fspath(output)!r} is the input model; choose another path")
     ir_model, kind = as_ir_model(model)
     before = model_nbytes(ir_model)
-    external = has_external_data(ir_model)
+    external = has_external_data(ir_model) or before >= PROTO_LIMIT
     stats = None
     from .algorithms import get_algorithm
 
@@ -53,14 +53,21 @@ def quantize(
         stats = collect_stats(ir_model, calibration, config, progress=progress)
     from .transforms import WeightOnlyQuantPass
 
-    qpass = WeightOnlyQuantPass(config, stats=stats, progress=progress)
-    qpass(ir_model)
-    report: QuantReport = qpass.last_report  # type: ignore[assignment]
+    def run(sink=None) -> QuantReport:
+        qpass = WeightOnlyQuantPass(config, stats=stats, progress=progress, sink=sink)
+        qpass(ir_model)
+        return qpass.last_report  # type: ignore[return-value]
+
+    if output is None:
+        report = run()
+    else:
+        # with external data, quantized tensors stream to disk as they are finished
+        with AtomicModelWriter(output, external) as writer:
+            report = run(writer.sink)
+            writer.finish(ir_model)
     report.model_bytes_before = before
     report.model_bytes_after = model_nbytes(ir_model)
     result: Any
-    if output is not None:
-        save_model(ir_model, output, external_data=external or model_nbytes(ir_model) >= PROTO_LIMIT)
     if kind == "proto":
         result = ir.serde.serialize_model(ir_model)
     elif kind == "path":

@@ -44,8 +44,9 @@ class QuantEntry:
 class QuantContext:
     """Quantizes weights for the rules; one per model run (see ``setup``)."""
 
-    def __init__(self, config: WeightOnlyConfig, stats: dict[str, LayerStats] | None = None) -> None:
+    def __init__(self, config: WeightOnlyConfig, stats: dict[str, LayerStats] | None = None, sink: Any = None) -> None:
         self.config = config
+        self.sink = sink  # an ExternalDataSink: finished tensors go to disk instead of memory
         self.stats = stats or {}
         self.report = QuantReport()
         self._entries: dict[tuple, QuantEntry] = {}
@@ -110,22 +111,32 @@ class QuantContext:
         emitter = _emitters.get(fmt)
         dtype = np.float16 if ref.dtype == ir.DataType.FLOAT16 else np.float32
 
-        def job() -> dict[str, np.ndarray]:
+        layout = emitter.layout(ref.k, ref.n, spec, dtype)
+        base = ref.value.name or "weight"
+        names = {key_name: self.unique_name(f"{base}{suffix}") for key_name, (suffix, _, _) in layout.items()}
+
+        def job() -> dict[str, ir.TensorProtocol]:
             w = ref.numpy()
             result: QuantizedWeight = fn(w, spec, stats)
             del w
             _release(ref.tensor)
-            return emitter.pack(result, ref.k, ref.n, spec, dtype)
+            arrays = emitter.pack(result, ref.k, ref.n, spec, dtype)
+            del result
+            return {key_name: self._store(names[key_name], arr) for key_name, arr in arrays.items()}
 
         future = self.executor.submit(job)
         entry = QuantEntry(ref, spec, emitter, algorithm, future, notes=notes, users=1)
         graph = _owner_graph(ref.value)
-        base = ref.value.name or "weight"
-        for key_name, (suffix, ir_dtype, shape) in emitter.layout(ref.k, ref.n, spec, dtype).items():
-            name = self.unique_name(f"{base}{suffix}")
-            entry.values[key_name] = _lazy_initializer(graph, name, future, key_name, ir_dtype, shape)
+        for key_name, (_, ir_dtype, shape) in layout.items():
+            entry.values[key_name] = _lazy_initializer(graph, names[key_name], future, key_name, ir_dtype, shape)
         self._entries[key] = entry
         return entry
+
+    def _store(self, name: str, array: np.ndarray) -> ir.TensorProtocol:
+        """A finished array as a tensor: streamed to the output's data file when there is one."""
+        if self.sink is not None and array.nbytes >= 1024:
+            return self.sink.put(name, array)
+        return ir.Tensor(array, name=name)
 
     def _algorithm_for(self, activation: ir.Value | None) -> tuple[str, list[str]]:
         name = self.config.algorithm
@@ -161,13 +172,14 @@ class QuantContext:
             from concurrent.futures import as_completed
 
             for fut in as_completed(pending):
-                entry = pending[fut]
+                entry = pending.pop(fut)
                 try:
-                    arrays = fut.result()
+                    tensors = fut.result()
                 except Exception as exc:
                     raise RuntimeError(f"quantizing weight {entry.ref.value.name!r} failed: {exc}") from exc
                 for key_name, value in entry.values.items():
-                    value.const_value = ir.Tensor(arrays[key_name], name=value.name)
+                    value.const_value = tensors[key_name]
+                del tensors, fut
                 if bar is not None:
                     bar.update(entry.ref.tensor.nbytes)
                 entry.future = _done(None)
@@ -215,7 +227,7 @@ def _lazy_initializer(graph: ir.Graph | None, name: str, future: Future, key: st
     shape = ir.Shape(shape)
 
     def load() -> ir.TensorProtocol:
-        return ir.Tensor(future.result()[key], name=name)
+        return future.result()[key]
 
     tensor = ir.LazyTensor(load, dtype=dtype, shape=shape, name=name)
     value = ir.Value(name=name, shape=shape, type=ir.TensorType(dtype), const_value=tensor)

@@ -7,6 +7,7 @@ Usable in an ``ir.passes.PassManager`` (e.g. on ``torch.onnx.export(..., dynamo=
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
@@ -34,8 +35,10 @@ class WeightOnlyQuantPass(ir.passes.InPlacePass):
         *,
         stats: dict[str, LayerStats] | None = None,
         progress: bool = False,
+        sink: Any = None,
     ) -> None:
         super().__init__()
+        self.sink = sink
         self.config = config or WeightOnlyConfig()
         self.stats = stats
         self.progress = progress
@@ -43,7 +46,7 @@ class WeightOnlyQuantPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         start = time.perf_counter()
-        ctx = QuantContext(self.config, self.stats)
+        ctx = QuantContext(self.config, self.stats, sink=self.sink)
         ctx.setup(model)
         if self.config.format == "qdq":
             from .emit_qdq import MIN_OPSET

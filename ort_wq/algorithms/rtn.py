@@ -1,18 +1,22 @@
-"""Round-to-nearest: the quantize utilities applied block by block, in parallel column chunks.
+"""Round-to-nearest: exactly the numbers of ``quant_tensor``, computed where the data lies.
 
-The result is exactly ``quant_tensor(pad_tensor(W).T, bits, block, "sym"|"asym", "uint")``:
-groups are independent, so quantizing column chunks on several threads changes no bit.
+``quant_tensor(pad_tensor(W).T, bits, block, "sym"|"asym", "uint")`` groups ``block`` consecutive
+K values of one output column. :func:`rtn_reference` calls it as is. :func:`rtn_fast` computes
+the same float64 expressions, element for element, on the weight's own ``[K, N]`` layout viewed
+as ``[k_blocks, block, N]``: no transposed copy of the float weight, min/max over contiguous
+rows, slabs of K blocks at a time (bounded temporaries; memory-mapped weights are read once, in
+order). Only the uint8 codes are transposed. The two agree bit for bit (``tests/test_fast_path.py``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..utility import pad_tensor, quant_tensor
+from ..utility import pad_tensor, quant_range, quant_tensor
 from .base import LayerStats, QuantizedWeight, QuantSpec, register
 
-# columns per chunk: bounds the float64 temporaries to a few tens of MB per thread
-_CHUNK_VALUES = 1 << 21
+# float values per slab: bounds the float64 temporaries to a few tens of MB
+_SLAB_VALUES = 1 << 21
 
 
 def rtn_reference(w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
@@ -21,11 +25,6 @@ def rtn_reference(w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
     bs = spec.block_size
     kb = -(-k // bs)
     q, scale, zp = quant_tensor(pad_tensor(w, bs, kb).T, spec.bits, bs, "sym" if spec.symmetric else "asym", "uint")
-    return _result(q, scale, zp, spec, k, n, kb)
-
-
-def _result(q, scale, zp, spec: QuantSpec, k: int, n: int, kb: int) -> QuantizedWeight:
-    bs = spec.block_size
     q8 = q.astype(np.uint8).reshape(n, kb, bs)
     if kb * bs > k:
         q8.reshape(n, -1)[:, k:] = 0
@@ -34,27 +33,53 @@ def _result(q, scale, zp, spec: QuantSpec, k: int, n: int, kb: int) -> Quantized
     return QuantizedWeight(q8, scale.reshape(n, kb).astype(scale_dtype), zero_point, spec.bits, k)
 
 
-def quantize_columns(w: np.ndarray, spec: QuantSpec, executor=None) -> QuantizedWeight:
-    """RTN over column chunks (optionally on an executor); identical to :func:`rtn_reference`."""
+def _slab(w3: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Codes ``[kb, bs, N]`` (uint8), scales and zero points ``[kb, N]`` of a float32 slab ``[kb, bs, N]``."""
+    minq, maxq = quant_range(spec.bits, "sym" if spec.symmetric else "asym", "uint")
+    rmin = w3.min(axis=1)
+    rmax = w3.max(axis=1)
+    if spec.symmetric:
+        max_range = np.maximum(np.abs(rmin), np.abs(rmax))
+        scale = np.where(max_range > 0, max_range.astype(np.float64) * 2.0 / (maxq - minq), 1.0)
+        zp = np.full(scale.shape, float(1 << (spec.bits - 1)))
+    else:
+        span = (rmax - rmin).astype(np.float64)
+        scale = np.where(rmin != rmax, span / (maxq - minq), 1.0)
+        zp = np.clip(np.round((0.0 - rmin) / scale), 0, maxq).astype(np.uint8).astype(np.float64)
+    q = np.divide(w3, scale[:, None, :])
+    q += zp[:, None, :]
+    np.round(q, out=q)
+    np.clip(q, minq, maxq, out=q)
+    return q.astype(np.uint8), scale, None if spec.symmetric else zp.astype(np.uint8)
+
+
+def rtn_fast(w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
+    """Round to nearest on ``W[K, N]`` float32, bit-identical to :func:`rtn_reference`."""
+    if w.dtype != np.float32:
+        return rtn_reference(w, spec)
     k, n = w.shape
     bs = spec.block_size
     kb = -(-k // bs)
-    step = max(1, _CHUNK_VALUES // max(1, kb * bs))
-    if n <= step:
-        return rtn_reference(w, spec)
-    chunks = [(c, min(n, c + step)) for c in range(0, n, step)]
-
-    def one(c0: int, c1: int) -> QuantizedWeight:
-        return rtn_reference(np.ascontiguousarray(w[:, c0:c1]), spec)
-
-    parts = list(executor.map(lambda c: one(*c), chunks)) if executor else [one(*c) for c in chunks]
-    q = np.concatenate([p.q for p in parts], axis=0)
-    scale = np.concatenate([p.scale for p in parts], axis=0)
-    zp = None if spec.symmetric else np.concatenate([p.zero_point for p in parts], axis=0)
-    return QuantizedWeight(q, scale, zp, spec.bits, k)
+    q = np.empty((n, kb, bs), dtype=np.uint8)
+    scale = np.empty((n, kb), dtype=np.float32)
+    zero_point = None if spec.symmetric else np.empty((n, kb), dtype=np.uint8)
+    step = max(1, _SLAB_VALUES // max(1, bs * n))
+    for b0 in range(0, kb, step):
+        b1 = min(kb, b0 + step)
+        rows = w[b0 * bs : min(k, b1 * bs)]
+        if rows.shape[0] < (b1 - b0) * bs:  # the last block: zero padding, as pad_tensor does
+            rows = np.concatenate([rows, np.zeros(((b1 - b0) * bs - rows.shape[0], n), np.float32)])
+        qs, ss, zs = _slab(np.ascontiguousarray(rows).reshape(b1 - b0, bs, n), spec)
+        q[:, b0:b1, :] = qs.transpose(2, 0, 1)
+        scale[:, b0:b1] = ss.T
+        if zero_point is not None:
+            zero_point[:, b0:b1] = zs.T
+    if kb * bs > k:
+        q.reshape(n, -1)[:, k:] = 0
+    return QuantizedWeight(q, scale, zero_point, spec.bits, k)
 
 
 @register("rtn")
 def rtn(w: np.ndarray, spec: QuantSpec, stats: LayerStats | None = None) -> QuantizedWeight:
     """Round to nearest, min/max range per block (no calibration)."""
-    return quantize_columns(w, spec)
+    return rtn_fast(w, spec)
