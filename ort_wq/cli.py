@@ -77,6 +77,9 @@ def _add_quantize(sub) -> None:
                    help="leave nodes whose name or weight name matches (repeatable)")
     p.add_argument("--override", action="append", default=[], metavar="REGEX=SPEC",
                    help="per-node settings, e.g. 'lm_head=bits:8,block:128' or 'proj=asym' or 'gate=skip' (repeatable)")
+    p.add_argument("--zero-points", choices=("auto", "uint8", "float"), default=d.zero_points,
+                   help="asymmetric MatMulNBits zero points: auto = float where the algorithm optimises them "
+                   "(hqq) and the CPU kernel takes them (2/4-bit), else uint8")
     p.add_argument("--min-k", type=_positive_int, default=d.min_k, help="leave weights with fewer input channels")
     p.add_argument("--calibration", metavar="FILE.npz",
                    help="calibration inputs for gptq/awq: arrays keyed by model input name, batch along axis 0")
@@ -103,6 +106,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
             bits=args.bits, block_size=args.block_size, symmetric=args.symmetric, format=args.format,
             accuracy_level=args.accuracy_level, algorithm=args.algorithm, include=args.include,
             exclude=args.exclude, overrides=overrides, min_k=args.min_k, threads=args.threads,
+            zero_points=args.zero_points,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None

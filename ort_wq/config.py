@@ -65,6 +65,9 @@ class WeightOnlyConfig:
     - ``include`` / ``exclude``: regexes on node or weight name; ``op_types``: which ops to take.
     - ``overrides``: :class:`NodeOverride` list, the last match wins (mixed precision).
     - ``min_k`` / ``min_n``: smaller weights are left alone.
+    - ``threads``: worker threads (default: all cores).
+    - ``zero_points`` (asymmetric MatMulNBits): ``auto`` (float where the algorithm optimises
+      them, HQQ, and the CPU kernel takes them: 2/4-bit; else uint8), ``uint8`` or ``float``.
     """
 
     # defaults measured on the shared MiniLM model (benchmarks/bench_defaults.py, README)
@@ -81,6 +84,7 @@ class WeightOnlyConfig:
     min_k: int = 16
     min_n: int = 1
     threads: int | None = None
+    zero_points: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -90,6 +94,10 @@ class WeightOnlyConfig:
         if self.format not in FORMATS:
             raise ValueError(f"format={self.format!r} is not supported; use one of {FORMATS}")
         self._check_spec(self.bits, self.block_size, self.symmetric, "")
+        if self.zero_points not in ("auto", "uint8", "float"):
+            raise ValueError(f"zero_points={self.zero_points!r} is not valid; use 'auto', 'uint8' or 'float'")
+        if self.zero_points == "float" and (self.format != "nbits" or self.symmetric):
+            raise ValueError("float zero points need format 'nbits' with asymmetric blocks (--asym)")
         if not 0 <= self.accuracy_level <= 4:
             raise ValueError(f"accuracy_level={self.accuracy_level} is not valid; use 0, 1, 2, 3 or 4")
         for pat in [*self.include, *self.exclude, *(o.pattern for o in self.overrides)]:
@@ -109,6 +117,9 @@ class WeightOnlyConfig:
 
     def _check_spec(self, bits: int, block_size: int, symmetric: bool, where: str) -> None:
         allowed = BITS_BY_FORMAT[self.format]
+        if self.zero_points == "float" and bits == 8:
+            raise ValueError(f"8-bit MatMulNBits with float zero points is refused by onnxruntime's CPU kernel{where}; "
+                             "use zero points 'uint8' (or 'auto')")
         if bits not in allowed:
             raise ValueError(f"bits={bits} is not supported by format {self.format!r}{where}; use one of {allowed}")
         if self.format == "fpq4":
@@ -145,5 +156,5 @@ class WeightOnlyConfig:
             sym = sym if o.symmetric is None else o.symmetric
         if block == -1:
             block = max(16, 1 << max(0, k - 1).bit_length())
-        return QuantSpec(bits=bits, block_size=block, symmetric=sym,
-                         float_zero_points=self.format == "nbits" and bits in (2, 4))
+        float_zp = self.format == "nbits" and bits in (2, 4) and self.zero_points != "uint8"
+        return QuantSpec(bits=bits, block_size=block, symmetric=sym, float_zero_points=float_zp)

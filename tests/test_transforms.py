@@ -349,3 +349,14 @@ def test_path_input_errors(tmp_path):
         quantize(str(src), cfg(), output=src)
     with pytest.raises(ValueError, match="no such file"):
         quantize(str(tmp_path / "missing.onnx"), cfg(), output=tmp_path / "o.onnx")
+
+
+@pytest.mark.parametrize("zero_points, elem", [("float", TensorProto.FLOAT), ("uint8", TensorProto.UINT8)])
+def test_zero_point_type_choice(zero_points, elem):
+    model, w = matmul_model(k=96, n=24)
+    q = quantize(model, cfg(symmetric=False, zero_points=zero_points))
+    inits = {i.name: i for i in q.graph.initializer}
+    assert inits[q.graph.node[0].input[3]].data_type == elem
+    x = x_for(96)
+    (y,) = run_model(q, {"x": x})
+    np.testing.assert_allclose(y, x @ deq(w, 4, 32, False), **EXACT)

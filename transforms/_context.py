@@ -105,7 +105,7 @@ class QuantContext:
         fn, _ = get_algorithm(algorithm)
         if algorithm == "awq":  # the activation scaling was already folded into the graph (awq_fold)
             fn = functools.partial(fn, allow_input_scale=False)
-        if spec.float_zero_points and not uses_float_zero_points(algorithm):
+        if spec.float_zero_points and self.config.zero_points == "auto" and not uses_float_zero_points(algorithm):
             spec = replace(spec, float_zero_points=False)
         stats = self.stats.get(activation.name) if activation is not None and activation.name else None
         emitter = _emitters.get(fmt)
@@ -165,8 +165,8 @@ class QuantContext:
         if progress and entries:
             from tqdm import tqdm
 
-            total = sum(e.ref.tensor.nbytes for e in entries)
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"quantizing {len(entries)} weights", leave=False)
+            bar = tqdm(total=len(entries), unit="weight", desc="quantizing", leave=False, dynamic_ncols=True)
+        done_bytes, started = 0, time.perf_counter()
         try:
             pending = {e.future: e for e in entries}
             from concurrent.futures import as_completed
@@ -181,7 +181,10 @@ class QuantContext:
                     value.const_value = tensors[key_name]
                 del tensors, fut
                 if bar is not None:
-                    bar.update(entry.ref.tensor.nbytes)
+                    done_bytes += entry.ref.tensor.nbytes
+                    rate = done_bytes / max(time.perf_counter() - started, 1e-9) / 1e6
+                    bar.set_postfix_str(f"{rate:.0f} MB/s of fp32 weights", refresh=False)
+                    bar.update(1)
                 entry.future = _done(None)
         finally:
             if bar is not None:
