@@ -29,6 +29,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ort_wq.demo import transformer_layers
+
 ALIGN = 4096
 
 
@@ -157,28 +159,7 @@ def _build(spec: LLMSpec, folder: Path) -> None:
     try:
         weight("embed.weight", (spec.vocab, h), 1.0)
         nodes.append(helper.make_node("Gather", ["embed.weight", "input_ids"], ["h0"], name="embed/Gather"))
-        x = "h0"
-        inv_sqrt = small("attn.scale", np.array(h**-0.5))
-        for i in range(spec.layers):
-            p = f"layers.{i}"
-            a = norm(x, f"{p}.ln1")
-            q, k, v = (linear(a, f"{p}.attn.{t}", h, h) for t in ("q", "k", "v"))
-            nodes += [
-                helper.make_node("Transpose", [k], [f"{p}.kt"], perm=[0, 2, 1], name=f"{p}/attn/Transpose"),
-                helper.make_node("MatMul", [q, f"{p}.kt"], [f"{p}.scores"], name=f"{p}/attn/QK"),
-                helper.make_node("Mul", [f"{p}.scores", inv_sqrt], [f"{p}.scaled"], name=f"{p}/attn/Scale"),
-                helper.make_node("Softmax", [f"{p}.scaled"], [f"{p}.probs"], axis=-1, name=f"{p}/attn/Softmax"),
-                helper.make_node("MatMul", [f"{p}.probs", v], [f"{p}.ctx"], name=f"{p}/attn/PV"),
-            ]
-            o = linear(f"{p}.ctx", f"{p}.attn.o", h, h)
-            nodes.append(helper.make_node("Add", [x, o], [f"{p}.res1"], name=f"{p}/Residual1"))
-            a2 = norm(f"{p}.res1", f"{p}.ln2")
-            u = linear(a2, f"{p}.mlp.up", h, spec.mlp)
-            nodes.append(helper.make_node("Gelu", [u], [f"{p}.act"], name=f"{p}/mlp/Gelu"))
-            d = linear(f"{p}.act", f"{p}.mlp.down", spec.mlp, h)
-            nodes.append(helper.make_node("Add", [f"{p}.res1", d], [f"{p}.res2"], name=f"{p}/Residual2"))
-            x = f"{p}.res2"
-        f = norm(x, "final_ln")
+        f = transformer_layers(nodes, "h0", spec.layers, h, spec.mlp, linear, norm, small("attn.scale", np.array(h**-0.5)))
         linear(f, "lm_head", h, spec.vocab)
         nodes[-1].output[0] = "logits"
     finally:

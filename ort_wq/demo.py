@@ -57,8 +57,27 @@ def build_transformer(
 
     weight("embed.weight", (vocab, hidden), 1.0)
     nodes.append(helper.make_node("Gather", ["embed.weight", "input_ids"], ["h0"], name="embed/Gather"))
-    h = "h0"
-    inv_sqrt = const("attn.scale", np.array(hidden**-0.5))
+    f = transformer_layers(nodes, "h0", layers, hidden, mlp, linear, norm, const("attn.scale", np.array(hidden**-0.5)))
+    nodes += [
+        helper.make_node("Transpose", ["embed.weight"], ["embed.weight.T"], perm=[1, 0], name="lm_head/Transpose"),
+        helper.make_node("MatMul", [f, "embed.weight.T"], ["logits"], name="lm_head/MatMul"),
+    ]
+    graph = helper.make_graph(
+        nodes, "demo_transformer",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("logits", elem, ["batch", "seq", vocab])],
+        initializer=inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10,
+                             producer_name="ort-wq demo")
+
+
+def transformer_layers(nodes: list, h: str, layers: int, hidden: int, mlp: int, linear, norm, inv_sqrt: str) -> str:
+    """Append pre-norm transformer layers and the final norm to ``nodes``; returns the last value.
+
+    ``linear(x, name, k, n)`` and ``norm(x, name)`` add a projection / a normalisation and return
+    their output name (so callers choose biases, weight storage and norm parameters).
+    """
     for i in range(layers):
         p = f"layers.{i}"
         a = norm(h, f"{p}.ln1")
@@ -78,19 +97,7 @@ def build_transformer(
         d = linear(f"{p}.act", f"{p}.mlp.down", mlp, hidden)
         nodes.append(helper.make_node("Add", [f"{p}.res1", d], [f"{p}.res2"], name=f"{p}/Residual2"))
         h = f"{p}.res2"
-    f = norm(h, "final_ln")
-    nodes += [
-        helper.make_node("Transpose", ["embed.weight"], ["embed.weight.T"], perm=[1, 0], name="lm_head/Transpose"),
-        helper.make_node("MatMul", [f, "embed.weight.T"], ["logits"], name="lm_head/MatMul"),
-    ]
-    graph = helper.make_graph(
-        nodes, "demo_transformer",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
-        [helper.make_tensor_value_info("logits", elem, ["batch", "seq", vocab])],
-        initializer=inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10,
-                             producer_name="ort-wq demo")
+    return norm(h, "final_ln")
 
 
 def _session(model: onnx.ModelProto):
