@@ -32,7 +32,8 @@ def resolve_weight(node: ir.Node, w: ir.Value | None, transpose: bool, ctx: Quan
 class WeightOnlyRule(RewriteRuleClassBase):
     """Base for rules that replace a weight consumer with a quantized equivalent.
 
-    Subclasses implement ``pattern`` and ``analyze(node, **bindings) -> (ref, reason)``; the
+    Subclasses implement ``pattern`` and ``analyze(node, **bindings) -> (ref, reason)``, where
+    ``node`` is the weight's consumer (``consumer``: the pattern's root unless overridden); the
     shared ``check`` keeps the analysis for ``rewrite`` (they run back to back on one match).
     """
 
@@ -42,13 +43,16 @@ class WeightOnlyRule(RewriteRuleClassBase):
         self._node: ir.Node | None = None
         self._ref: WeightRef | None = None
 
+    def consumer(self, root: ir.Node, **bindings) -> ir.Node:
+        return root
+
     def analyze(self, node: ir.Node, **bindings) -> tuple[WeightRef | None, str]:
         raise NotImplementedError
 
     def check(self, context, **bindings) -> MatchResult:
         result = MatchResult()
         self.ctx.ensure_setup(context.model)
-        node = context.root
+        node = self.consumer(context.root, **bindings)
         ref, reason = self.analyze(node, **bindings)
         if ref is None:
             return result.fail(reason)

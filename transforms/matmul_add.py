@@ -14,13 +14,17 @@ class MatMulAddWeightOnly(WeightOnlyRule):
     def pattern(self, op, x, w, b):
         return op.Add(op.MatMul(x, w), b)
 
-    def analyze(self, node, x, w, b, **_):
+    def consumer(self, root, w, **_):
+        """The MatMul under the Add (the node whose weight is quantized and whose name is reported)."""
+        for v in root.inputs:
+            producer = v.producer() if v is not None else None
+            if producer is not None and producer.op_type == "MatMul" and producer.inputs[1] is w:
+                return producer
+        return root
+
+    def analyze(self, matmul, x, w, b, **_):
         if not self.ctx.emitter.SUPPORTS_BIAS:
             return None, f"format {self.ctx.config.format!r} has no bias input"
-        matmul = next(
-            v.producer() for v in node.inputs
-            if v is not None and v.producer() is not None and v.producer().op_type == "MatMul" and v.producer().inputs[1] is w
-        )
         ref, reason = resolve_weight(matmul, w, False, self.ctx)
         if ref is None:
             return None, reason
@@ -29,11 +33,9 @@ class MatMulAddWeightOnly(WeightOnlyRule):
             return None, "MatMul output has other consumers"
         if bias_vector(b, ref.n) is None:
             return None, "Add operand is not a constant [N] bias"
-        self._matmul = matmul
         return ref, ""
 
     def rewrite(self, op, x, w, b, **_):
-        self._node = self._matmul
         entry, spec = self.quantized(x)
         ref = entry.ref
         bias = b
