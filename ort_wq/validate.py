@@ -334,10 +334,10 @@ def run_validate_command(args: argparse.Namespace) -> int:
         feeds = _load_npz(args.inputs) if args.inputs else None
         report = validate(args.original, args.quantized, inputs=feeds, reference=args.reference, seed=args.seed)
     except (ValueError, OSError) as exc:
-        print(f"error: {_line(exc)}", file=sys.stderr)
+        print(f"ort-wq validate: error: {_line(exc)}", file=sys.stderr)
         return 2
     except Exception as exc:  # never a traceback from the CLI
-        print(f"error: validation failed unexpectedly: {type(exc).__name__}: {_line(exc)}", file=sys.stderr)
+        print(f"ort-wq validate: error: validation failed unexpectedly: {type(exc).__name__}: {_line(exc)}", file=sys.stderr)
         return 2
     print(report.format_table(args.max_rel_error, args.min_cosine))
     return 0 if report.passed(args.max_rel_error, args.min_cosine) else 1

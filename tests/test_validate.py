@@ -245,5 +245,5 @@ def test_cli_exit_codes(tmp_path, capsys):
     ):
         assert cli(*argv) == 2
         captured = capsys.readouterr()
-        assert captured.err.startswith("error: ") and message in captured.err
+        assert captured.err.startswith("ort-wq validate: error: ") and message in captured.err
         assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
