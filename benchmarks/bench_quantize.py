@@ -6,7 +6,7 @@ the shared MiniLM) and each block size, both tools run round-to-nearest 4-bit sy
 first on odd ones), ``--repeats`` times. Reported per tool: median wall time of the whole process
 (interpreter start, load, quantize, save), fp32 MatMul weights per second, peak RSS of the
 process as the kernel reports it (``ru_maxrss`` from ``wait4``), output size, MatMulNBits nodes;
-and the ratios ours/theirs. Then the issue's targets, checked on the largest generated model.
+and the ratios ours/theirs. Then the speed and memory targets, checked on the largest generated model.
 
     python benchmarks/bench_quantize.py                       # 0.5 and 2.5 GB, blocks 32 and 128, 3 repeats
     python benchmarks/bench_quantize.py --sizes 0.5 --repeats 5
@@ -34,7 +34,7 @@ sys.path.insert(0, str(HERE))
 import _gen
 import _report as R
 
-# targets of the issue (ratios measured side by side in one run)
+# speed and memory targets (ratios measured side by side in one run)
 TARGET_WALL = 0.8  # ours / onnxruntime, wall time, on the 2.5 GB model
 TARGET_RSS = 0.5  # ours / onnxruntime, peak RSS, on the 2.5 GB model
 TARGET_RSS_ABS = 1.5  # ours < 1.5 x (quantized output + largest fp32 weight)
