@@ -142,3 +142,25 @@ def test_demo_runs(capsys):
     assert main(["demo", "--layers", "1", "--hidden", "128"]) == 0
     out = capsys.readouterr().out
     assert "cosine" in out and "MatMulNBits" in out and "latency" in out
+
+
+def test_failure_midway_with_external_data_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """Quantized tensors stream into a temporary data file; a failure removes it and writes no output."""
+    from ort_wq.transforms import emit_nbits
+
+    model, _ = matmul_model(k=256, n=128)
+    src = tmp_path / "in.onnx"
+    onnx.save_model(model, src, save_as_external_data=True, location="in.onnx.data", size_threshold=0)
+    calls = []
+    real_pack = emit_nbits.pack
+
+    def pack_then_fail(*a, **k):
+        calls.append(1)
+        real_pack(*a, **k)
+        raise RuntimeError("failed after packing")
+
+    monkeypatch.setattr(emit_nbits, "pack", pack_then_fail)
+    out = tmp_path / "out.onnx"
+    assert main(["quantize", str(src), str(out)]) == 1
+    assert calls and "failed after packing" in _err(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx", "in.onnx.data"]
