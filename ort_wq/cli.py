@@ -71,6 +71,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--algorithm", choices=sorted(list_algorithms()), default=d.algorithm,
                    help="rtn: round to nearest; rtn-clip: with a per-block clip search; hqq: half-quadratic; "
                    "gptq, awq: use --calibration data")
+    p.add_argument("--algorithm-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the algorithm, e.g. 'damp=0.05' or 'act_order=false' for gptq, "
+                   "'iters=40' for hqq, 'grid=40' for rtn-clip (repeatable)")
     p.add_argument("--include", action="append", default=[], metavar="REGEX",
                    help="only quantize nodes whose name or weight name matches (repeatable)")
     p.add_argument("--exclude", action="append", default=[], metavar="REGEX",
@@ -94,7 +97,7 @@ def _add_quantize(sub) -> None:
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
-    from .config import NodeOverride, WeightOnlyConfig
+    from .config import NodeOverride, WeightOnlyConfig, parse_option
     from .model_io import load_model
     from .quantize import _same_file, quantize
 
@@ -102,11 +105,12 @@ def _run_quantize(args: argparse.Namespace) -> int:
         raise UsageError(f"OUTPUT {args.output!r} is the input model; choose another path")
     try:
         overrides = [NodeOverride.parse(o) for o in args.override]
+        options = dict(parse_option(o) for o in args.algorithm_option)
         config = WeightOnlyConfig(
             bits=args.bits, block_size=args.block_size, symmetric=args.symmetric, format=args.format,
             accuracy_level=args.accuracy_level, algorithm=args.algorithm, include=args.include,
             exclude=args.exclude, overrides=overrides, min_k=args.min_k, threads=args.threads,
-            zero_points=args.zero_points,
+            zero_points=args.zero_points, algorithm_options=options,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None

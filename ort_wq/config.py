@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from .algorithms.base import QuantSpec
 
 FORMATS = ("nbits", "fpq4", "qdq")
 BITS_BY_FORMAT = {"nbits": (2, 4, 8), "fpq4": (4,), "qdq": (4, 8)}
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as bool (true/false), int, float or text."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"algorithm option {text!r} must look like KEY=VALUE, e.g. damp=0.05")
+    low = raw.strip().lower()
+    value: Any
+    if low in ("true", "false", "yes", "no"):
+        value = low in ("true", "yes")
+    else:
+        for cast in (int, float):
+            try:
+                value = cast(raw)
+                break
+            except ValueError:
+                continue
+        else:
+            value = raw
+    return key.strip(), value
 
 
 @dataclass
@@ -66,6 +89,8 @@ class WeightOnlyConfig:
     - ``overrides``: :class:`NodeOverride` list, the last match wins (mixed precision).
     - ``min_k`` / ``min_n``: smaller weights are left alone.
     - ``threads``: worker threads (default: all cores).
+    - ``algorithm_options``: keyword arguments of the algorithm, e.g. ``{"damp": 0.05,
+      "act_order": False}`` for GPTQ (see each algorithm's signature in ``ort_wq.algorithms``).
     - ``zero_points`` (asymmetric MatMulNBits): ``auto`` (float where the algorithm optimises
       them, HQQ, and the CPU kernel takes them: 2/4-bit; else uint8), ``uint8`` or ``float``.
     """
@@ -85,6 +110,7 @@ class WeightOnlyConfig:
     min_n: int = 1
     threads: int | None = None
     zero_points: str = "auto"
+    algorithm_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -110,10 +136,17 @@ class WeightOnlyConfig:
                 o.bits or self.bits, o.block_size or self.block_size,
                 self.symmetric if o.symmetric is None else o.symmetric, f" (override {o.pattern!r})",
             )
-        from .algorithms import list_algorithms
+        from .algorithms import get_algorithm, list_algorithms
 
         if self.algorithm not in list_algorithms():
             raise ValueError(f"algorithm={self.algorithm!r} is not known; use one of {sorted(list_algorithms())}")
+        if self.algorithm_options:
+            params = inspect.signature(get_algorithm(self.algorithm)[0]).parameters
+            allowed = sorted(n for n, p in params.items() if p.kind == p.KEYWORD_ONLY and n != "allow_input_scale")
+            unknown = sorted(set(self.algorithm_options) - set(allowed))
+            if unknown:
+                raise ValueError(f"algorithm {self.algorithm!r} has no option {', '.join(unknown)}; "
+                                 f"its options: {', '.join(allowed) or 'none'}")
 
     def _check_spec(self, bits: int, block_size: int, symmetric: bool, where: str) -> None:
         allowed = BITS_BY_FORMAT[self.format]

@@ -140,3 +140,17 @@ def test_npz_batches(tmp_path):
     np.savez(f, a=np.zeros((10, 3)), b=np.ones((9, 2)))
     with pytest.raises(ValueError, match="same batch size"):
         npz_batches(f)
+
+
+def test_algorithm_options_reach_the_algorithm(lm):
+    model, calib, feeds = lm
+    base = dict(bits=4, block_size=32, symmetric=True, algorithm="gptq", accuracy_level=0)
+    default = quantize(model, WeightOnlyConfig(**base), calibration=calib)
+    changed = quantize(model, WeightOnlyConfig(**base, algorithm_options={"act_order": False, "damp": 0.5}),
+                       calibration=calib)
+    weights = lambda m: {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer if "_Q4" in i.name}  # noqa: E731
+    a, b = weights(default), weights(changed)
+    assert a.keys() == b.keys() and any(not np.array_equal(a[k], b[k]) for k in a)
+    assert _rel_error(model, changed, feeds) < 0.5
+    with pytest.raises(ValueError, match="act_order"):
+        WeightOnlyConfig(algorithm="gptq", algorithm_options={"bogus": 1})

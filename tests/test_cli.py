@@ -59,6 +59,8 @@ def _err(capsys) -> str:
         (lambda p: p / "model.onnx", ["--format", "fpq4", "--bits", "8"], "fpq4"),
         (lambda p: p / "model.onnx", ["--format", "fpq4", "--block-size", "64"], "blocks of 32"),
         (lambda p: p / "model.onnx", ["--override", "nonsense"], "override"),
+        (lambda p: p / "model.onnx", ["--algorithm", "hqq", "--algorithm-option", "damp=0.1"], "its options"),
+        (lambda p: p / "model.onnx", ["--algorithm-option", "oops"], "KEY=VALUE"),
         (lambda p: p / "model.onnx", ["--bits", "8", "--asym", "--zero-points", "float"], "float zero points"),
         (lambda p: p / "model.onnx", ["--sym", "--zero-points", "float"], "asym"),
         (lambda p: p / "model.onnx", ["--exclude", "("], "regular expression"),

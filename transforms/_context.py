@@ -103,6 +103,8 @@ class QuantContext:
             return entry
         algorithm, notes = self._algorithm_for(activation)
         fn, _ = get_algorithm(algorithm)
+        if algorithm == self.config.algorithm and self.config.algorithm_options:
+            fn = functools.partial(fn, **self.config.algorithm_options)
         if algorithm == "awq":  # the activation scaling was already folded into the graph (awq_fold)
             fn = functools.partial(fn, allow_input_scale=False)
         if spec.float_zero_points and self.config.zero_points == "auto" and not uses_float_zero_points(algorithm):

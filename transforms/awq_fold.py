@@ -163,7 +163,8 @@ def fold_awq_scales(model: ir.Model, config: WeightOnlyConfig, stats: dict[str, 
             continue
         w_cat = np.concatenate([ref.numpy().astype(np.float32) for _, ref in targets], axis=1)
         spec = config.spec_for(names_of(targets[0][0], targets[0][1].value), layer.k)
-        result = awq(w_cat, replace(spec, float_zero_points=False), layer, clip=False)
+        options = {k: v for k, v in config.algorithm_options.items() if k != "clip"}
+        result = awq(w_cat, replace(spec, float_zero_points=False), layer, **options, clip=False)
         s = np.asarray(result.input_scale, dtype=np.float64)
         for node, idx, how in plan:
             _replace_const(node, idx, how, s, inverse=True, ctx=ctx)
