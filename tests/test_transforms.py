@@ -360,3 +360,35 @@ def test_zero_point_type_choice(zero_points, elem):
     x = x_for(96)
     (y,) = run_model(q, {"x": x})
     np.testing.assert_allclose(y, x @ deq(w, 4, 32, False), **EXACT)
+
+
+def test_transpose_without_perm_only_for_2d():
+    rng = np.random.default_rng(0)
+    w2 = rng.standard_normal((32, 64)).astype(np.float32)  # [N, K]
+    w3 = rng.standard_normal((1, 32, 64)).astype(np.float32)
+    m = make_model(
+        [helper.make_node("Transpose", ["W2"], ["W2t"], name="t2"), helper.make_node("MatMul", ["x", "W2t"], ["a"], name="mm2"),
+         helper.make_node("Transpose", ["W3"], ["W3t"], name="t3"), helper.make_node("Reshape", ["W3t", "s"], ["W3r"], name="r"),
+         helper.make_node("MatMul", ["x", "W3r"], ["b"], name="mm3")],
+        [vi("x", ["M", 64])], [vi("a", ["M", 32]), vi("b", ["M", 32])],
+        [init("W2", w2), init("W3", w3), init("s", np.array([64, 32], np.int64))])
+    q, report = quantize(m, cfg(), return_report=True)
+    assert [c.node for c in report.converted] == ["mm2"]
+    x = x_for(64)
+    a, b = run_model(q, {"x": x})
+    np.testing.assert_allclose(a, x @ deq(np.ascontiguousarray(w2.T)), **EXACT)
+    np.testing.assert_allclose(b, x @ np.transpose(w3).reshape(64, 32), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "fpq4"])
+def test_fp16_other_formats(fmt):
+    model, w = matmul_model(k=64, n=32, dtype=np.float16)
+    q, report = quantize(model, cfg(format=fmt), return_report=True)
+    if fmt == "fpq4":
+        assert not report.converted and "float32" in report.skipped[0].reason
+        return
+    assert ops(q) == ["DequantizeLinear", "MatMul"]
+    x = x_for(64, dtype=np.float16)
+    (y,) = run_model(q, {"x": x})
+    ref = x.astype(np.float64) @ deq(w)
+    assert y.dtype == np.float16 and np.abs(y - ref).max() <= 2e-3 * np.abs(ref).max() + 2e-2

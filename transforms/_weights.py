@@ -74,9 +74,14 @@ def transposed_source(value: ir.Value | None) -> ir.Value | None:
     if node is None or node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
         return None
     perm = node.attributes.get("perm")
-    if perm is not None and list(perm.as_ints()) != [1, 0]:
-        return None
-    return node.inputs[0]
+    src = node.inputs[0]
+    if perm is not None:
+        return src if list(perm.as_ints()) == [1, 0] else None
+    # no perm reverses every axis: a transpose of the last two only for a 2-D input
+    shape = src.shape if src is not None else None
+    tensor = ir.convenience.get_const_tensor(src) if src is not None else None
+    rank = len(tensor.shape) if tensor is not None else (len(shape) if shape is not None else None)
+    return src if rank == 2 else None
 
 
 def gemm_reason(node: ir.Node) -> str:
