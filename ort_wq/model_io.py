@@ -182,19 +182,24 @@ class AtomicModelWriter:
         """Write the graph (and the remaining tensors), then rename the files into place."""
         assert self.tmp is not None, "use AtomicModelWriter as a context manager"
         written = []
-        if self.sink is not None:
-            sink = self.sink
-            for graph in (model.graph, *model.graph.subgraphs()):
-                for value in graph.initializers.values():
-                    t = value.const_value
-                    mine = isinstance(t, ir.ExternalTensor) and Path(t.base_dir) == sink.folder
-                    if t is not None and not mine and t.nbytes >= 1024:
-                        value.const_value = sink.put(t.name or value.name, t.numpy())
-                        if isinstance(t, ir.ExternalTensor):
-                            try:
-                                t.release()
-                            except BufferError:
-                                pass
+        sink = self.sink
+        for graph in (model.graph, *model.graph.subgraphs()):
+            for value in graph.initializers.values():
+                t = value.const_value
+                if t is None or (sink is not None and isinstance(t, ir.ExternalTensor) and Path(t.base_dir) == sink.folder):
+                    continue
+                if sink is not None and t.nbytes >= 1024:
+                    value.const_value = sink.put(value.name, t.numpy())
+                elif isinstance(t, ir.ExternalTensor):  # another file's data: the output must not depend on it
+                    value.const_value = ir.Tensor(np.array(t.numpy()), name=value.name)
+                else:
+                    continue
+                if isinstance(t, ir.ExternalTensor):
+                    try:
+                        t.release()
+                    except BufferError:
+                        pass
+        if sink is not None:
             sink.close()
             ir.save(model, self.tmp / self.dest.name)
             os.replace(self.tmp / sink.name, self.parent / sink.name)

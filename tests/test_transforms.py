@@ -392,3 +392,26 @@ def test_fp16_other_formats(fmt):
     (y,) = run_model(q, {"x": x})
     ref = x.astype(np.float64) @ deq(w)
     assert y.dtype == np.float16 and np.abs(y - ref).max() <= 2e-3 * np.abs(ref).max() + 2e-2
+
+
+def test_output_does_not_depend_on_input_files(tmp_path):
+    """Every tensor of the input's data file (small biases too) ends up in the output's own files."""
+    import shutil
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    b = rng.standard_normal(32).astype(np.float32)
+    m = make_model([helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"), helper.make_node("Add", ["h", "b"], ["y"])],
+                   [vi("x", ["M", 64])], [vi("y", ["M", 32])], [init("W", w), init("b", b)])
+    src_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    src_dir.mkdir()
+    out_dir.mkdir()
+    onnx.save_model(m, src_dir / "m.onnx", save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    for fmt in ("nbits", "qdq"):
+        out = out_dir / f"{fmt}.onnx"
+        quantize(str(src_dir / "m.onnx"), cfg(format=fmt), output=out)
+    shutil.rmtree(src_dir)
+    x = x_for(64)
+    for fmt in ("nbits", "qdq"):
+        (y,) = run_model(str(out_dir / f"{fmt}.onnx"), {"x": x})
+        np.testing.assert_allclose(y, x @ deq(w) + b, **EXACT)
