@@ -108,6 +108,17 @@ def has_external_data(model: ir.Model) -> bool:
     return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 
 
+def external_files(model: ir.Model) -> set[Path]:
+    """Resolved paths of the files the model's external tensors live in."""
+    out = set()
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            t = value.const_value
+            if isinstance(t, ir.ExternalTensor):
+                out.add((Path(t.base_dir) / t.location).resolve())
+    return out
+
+
 def model_nbytes(model: ir.Model) -> int:
     """Bytes of all initializers of the main graph."""
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
@@ -163,8 +174,16 @@ class AtomicModelWriter:
         if not self.parent.exists():
             raise ModelInputError(f"{self.parent}: output folder does not exist")
         self.external_data = external_data
+        self.data_path = self.parent / (self.dest.name + ".data")
         self.tmp: Path | None = None
         self.sink: ExternalDataSink | None = None
+
+    def check_inputs(self, model: ir.Model) -> None:
+        """Refuse an output whose files would replace a file the model reads its weights from."""
+        if self.external_data and self.data_path.resolve() in external_files(model):
+            raise ModelInputError(
+                f"{self.data_path} holds the input's weights and would be overwritten; choose another output name"
+            )
 
     def __enter__(self) -> AtomicModelWriter:
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", suffix=".tmp", dir=self.parent))
@@ -222,6 +241,7 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
     if external_data is None:
         external_data = has_external_data(model) or model_nbytes(model) >= PROTO_LIMIT
     with AtomicModelWriter(path, external_data) as writer:
+        writer.check_inputs(model)
         return writer.finish(model)
 
 

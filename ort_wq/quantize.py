@@ -63,6 +63,7 @@ def quantize(
     else:
         # with external data, quantized tensors stream to disk as they are finished
         with AtomicModelWriter(output, external) as writer:
+            writer.check_inputs(ir_model)
             report = run(writer.sink)
             writer.finish(ir_model)
     report.model_bytes_before = before

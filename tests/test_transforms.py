@@ -415,3 +415,12 @@ def test_output_does_not_depend_on_input_files(tmp_path):
     for fmt in ("nbits", "qdq"):
         (y,) = run_model(str(out_dir / f"{fmt}.onnx"), {"x": x})
         np.testing.assert_allclose(y, x @ deq(w) + b, **EXACT)
+
+
+def test_output_data_file_never_overwrites_the_input_data(tmp_path):
+    model, _ = matmul_model()
+    onnx.save_model(model, tmp_path / "a.onnx", save_as_external_data=True, location="b.onnx.data", size_threshold=0)
+    before = (tmp_path / "b.onnx.data").read_bytes()
+    with pytest.raises(ValueError, match="would be overwritten"):
+        quantize(str(tmp_path / "a.onnx"), cfg(), output=tmp_path / "b.onnx")
+    assert (tmp_path / "b.onnx.data").read_bytes() == before and not (tmp_path / "b.onnx").exists()
