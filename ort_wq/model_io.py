@@ -44,19 +44,20 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     try:
         proto = onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends
-        raise ModelInputError(f"{p}: not a readable ONNX model ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise ModelInputError(f"{p}: not a readable ONNX model ({type(exc).__name__}: {first_line(exc)})") from None
     if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
         raise ModelInputError(f"{p}: not an ONNX model (no graph found; is the file truncated or of another format?)")
     _check_external_files(proto, p.parent, str(p))
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:
-        raise ModelInputError(f"{p}: cannot read the model ({_first_line(exc)})") from None
+        raise ModelInputError(f"{p}: cannot read the model ({first_line(exc)})") from None
     ir.external_data.set_base_dir(model.graph, str(p.parent))
     return model
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -106,6 +107,15 @@ def as_ir_model(model: Any) -> tuple[ir.Model, str]:
 def has_external_data(model: ir.Model) -> bool:
     """Whether any initializer of the main graph lives in an external file."""
     return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+
+
+def release(tensor: Any) -> None:
+    """Drop the memory map of an external tensor (it is re-mapped if read again)."""
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:  # another reader still holds a view; it goes when that view goes
+            pass
 
 
 def external_files(model: ir.Model) -> set[Path]:
@@ -213,11 +223,7 @@ class AtomicModelWriter:
                     value.const_value = ir.Tensor(np.array(t.numpy()), name=value.name)
                 else:
                     continue
-                if isinstance(t, ir.ExternalTensor):
-                    try:
-                        t.release()
-                    except BufferError:
-                        pass
+                release(t)
         if sink is not None:
             sink.close()
             ir.save(model, self.tmp / self.dest.name)

@@ -25,8 +25,8 @@ from .model_io import as_ir_model
 from .validate_inputs import (  # noqa: F401  (re-exported)
     ValidationInputError,
     _batches,
-    _check_feeds,
-    _input_values,
+    check_feeds,
+    input_values,
     _line,
     _load_npz,
     generate_inputs,
@@ -273,8 +273,8 @@ def validate(
     """
     orig, quant = _Loaded.of(original, "original"), _Loaded.of(quantized, "quantized")
     raw = _batches(inputs, data_reader) or [generate_inputs(orig.model, seed)]
-    batches = [_check_feeds(b, _input_values(orig.model), "original model") for b in raw]
-    q_inputs, names = sorted(v.name for v in _input_values(quant.model)), sorted(batches[0])
+    batches = [check_feeds(b, input_values(orig.model), "original model") for b in raw]
+    q_inputs, names = sorted(v.name for v in input_values(quant.model)), sorted(batches[0])
     if q_inputs != names:
         raise ValidationInputError(f"the quantized model's inputs {q_inputs} differ from the original's {names}")
     names = [v.name for v in orig.model.graph.outputs]

@@ -10,6 +10,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .model_io import as_ir_model
+from .model_io import first_line as _line
 
 _PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
 
@@ -18,12 +19,7 @@ class ValidationInputError(ValueError):
     """Models or inputs that cannot be validated; the message is one line and names the culprit."""
 
 
-def _line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _input_values(model: ir.Model) -> list[ir.Value]:
+def input_values(model: ir.Model) -> list[ir.Value]:
     return [v for v in model.graph.inputs if v.const_value is None and v.name not in model.graph.initializers]
 
 
@@ -53,7 +49,7 @@ def generate_inputs(model: Any, seed: int = 0) -> dict[str, np.ndarray]:
     m = as_ir_model(model)[0]
     rng = np.random.default_rng(seed)
     bounds, sizes, feeds = _index_bounds(m.graph), {}, {}
-    for value in _input_values(m):
+    for value in input_values(m):
         shape = []
         for i, d in enumerate(value.shape.dims if value.shape is not None else ()):
             if not isinstance(d, int):  # symbolic: one size per name (unnamed: per position)
@@ -72,7 +68,7 @@ def generate_inputs(model: Any, seed: int = 0) -> dict[str, np.ndarray]:
     return feeds
 
 
-def _check_feeds(feeds: Mapping[str, Any], specs: list[ir.Value], label: str) -> dict[str, np.ndarray]:
+def check_feeds(feeds: Mapping[str, Any], specs: list[ir.Value], label: str) -> dict[str, np.ndarray]:
     """``feeds`` in the model's dtypes; a wrong name, dtype kind or shape raises, naming the input."""
     names = [v.name for v in specs]
     missing, extra = [n for n in names if n not in feeds], sorted(set(feeds) - set(names))

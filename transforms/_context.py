@@ -21,6 +21,7 @@ import onnx_ir as ir
 from ort_wq.algorithms import LayerStats, QuantizedWeight, QuantSpec, get_algorithm
 from ort_wq.algorithms.base import uses_float_zero_points
 from ort_wq.config import WeightOnlyConfig
+from ort_wq.model_io import release
 from ort_wq.report import ConvertedNode, QuantReport
 
 from . import _emitters
@@ -121,7 +122,7 @@ class QuantContext:
             w = ref.numpy()
             result: QuantizedWeight = fn(w, spec, stats)
             del w
-            _release(ref.tensor)
+            release(ref.tensor)  # the fp32 weight leaves memory once it is quantized
             arrays = emitter.pack(result, ref.k, ref.n, spec, dtype)
             del result
             return {key_name: self._store(names[key_name], arr) for key_name, arr in arrays.items()}
@@ -198,15 +199,6 @@ class QuantContext:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
-
-
-def _release(tensor: Any) -> None:
-    """Drop the memory map of an external weight once it is quantized (it is re-mapped if read again)."""
-    if isinstance(tensor, ir.ExternalTensor):
-        try:
-            tensor.release()
-        except BufferError:  # another reader still holds a view; it goes when that view goes
-            pass
 
 
 def _done(value: Any) -> Future:

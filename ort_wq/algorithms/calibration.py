@@ -13,18 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from ..config import WeightOnlyConfig
 from ..model_io import ModelInputError, inference_session
+from ..validate_inputs import check_feeds, input_values
 from .base import LayerStats
-
-_NP_OF = {
-    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.DOUBLE: np.float64,
-    onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT8: np.int8,
-    onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.BOOL: np.bool_,
-}
 
 
 def npz_batches(path: str | os.PathLike, batch_size: int = 8, max_batches: int | None = None) -> list[dict[str, np.ndarray]]:
@@ -88,26 +82,6 @@ def target_activations(model: ir.Model, config: WeightOnlyConfig) -> dict[str, i
     return out
 
 
-def _check_feeds(batch: dict[str, np.ndarray], inputs: dict[str, onnx.ValueInfoProto], i: int) -> dict[str, np.ndarray]:
-    unknown = sorted(set(batch) - set(inputs))
-    if unknown:
-        raise ModelInputError(f"calibration batch {i}: {', '.join(unknown)} not among the model inputs ({', '.join(inputs)})")
-    missing = sorted(set(inputs) - set(batch))
-    if missing:
-        raise ModelInputError(f"calibration batch {i}: missing model input(s) {', '.join(missing)}")
-    feeds = {}
-    for name, arr in batch.items():
-        arr = np.asarray(arr)
-        want = _NP_OF.get(inputs[name].type.tensor_type.elem_type)
-        if want is not None and arr.dtype != want:
-            if np.can_cast(arr.dtype, want, "same_kind"):
-                arr = arr.astype(want)
-            else:
-                raise ModelInputError(f"calibration input {name!r} is {arr.dtype}, the model takes {np.dtype(want)}")
-        feeds[name] = arr
-    return feeds
-
-
 def collect_stats(
     model: ir.Model,
     calibration: Any,
@@ -122,7 +96,7 @@ def collect_stats(
     stats = {name: LayerStats(k) for name, k in targets.items()}
     if not targets:
         return stats
-    proto_inputs = {v.name: ir.serde.serialize_value(v) for v in model.graph.inputs if v.name not in model.graph.initializers}
+    specs = input_values(model)
     known = {v.name for v in model.graph.outputs}
     values = {v.name: v for node in model.graph for v in node.outputs}
     values.update({v.name: v for v in model.graph.inputs})
@@ -140,7 +114,7 @@ def collect_stats(
             batches = tqdm(batches, desc="calibrating", unit="batch", leave=False)
         seen = 0
         for i, batch in enumerate(batches):
-            feeds = _check_feeds(batch, proto_inputs, i)
+            feeds = check_feeds(batch, specs, f"model (calibration batch {i})")
             outs = sess.run(names, feeds)
             for name, x in zip(names, outs):
                 stats[name].update(x)
