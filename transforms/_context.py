@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -52,9 +51,7 @@ class QuantContext:
         self.report = QuantReport()
         self._entries: dict[tuple, QuantEntry] = {}
         self._names: set[str] = set()
-        self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
-        self.started = time.perf_counter()
         self.emitter = _emitters.get(config.format)
         self.node_notes: dict[str, list[str]] = {}
         self._model_id: int | None = None
@@ -172,8 +169,6 @@ class QuantContext:
         done_bytes, started = 0, time.perf_counter()
         try:
             pending = {e.future: e for e in entries}
-            from concurrent.futures import as_completed
-
             for fut in as_completed(pending):
                 entry = pending.pop(fut)
                 try:
@@ -188,7 +183,6 @@ class QuantContext:
                     rate = done_bytes / max(time.perf_counter() - started, 1e-9) / 1e6
                     bar.set_postfix_str(f"{rate:.0f} MB/s of fp32 weights", refresh=False)
                     bar.update(1)
-                entry.future = _done(None)
         finally:
             if bar is not None:
                 bar.close()
@@ -199,12 +193,6 @@ class QuantContext:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
-
-
-def _done(value: Any) -> Future:
-    f: Future = Future()
-    f.set_result(value)
-    return f
 
 
 def _nbytes(value: ir.Value) -> int:
