@@ -28,7 +28,7 @@ from .validate_inputs import (  # noqa: F401  (re-exported)
     check_feeds,
     input_values,
     _line,
-    _load_npz,
+    load_npz,
     generate_inputs,
 )
 
@@ -331,7 +331,7 @@ def run_validate_command(args: argparse.Namespace) -> int:
             raise ValidationInputError(f"--max-rel-error must be >= 0, got {args.max_rel_error}")
         if not -1 <= args.min_cosine <= 1:
             raise ValidationInputError(f"--min-cosine must be between -1 and 1, got {args.min_cosine}")
-        feeds = _load_npz(args.inputs) if args.inputs else None
+        feeds = load_npz(args.inputs) if args.inputs else None
         report = validate(args.original, args.quantized, inputs=feeds, reference=args.reference, seed=args.seed)
     except (ValueError, OSError) as exc:
         print(f"ort-wq validate: error: {_line(exc)}", file=sys.stderr)

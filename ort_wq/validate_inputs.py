@@ -101,7 +101,8 @@ def _batches(inputs: Any, data_reader: Any) -> list[Mapping[str, Any]]:
     return batches
 
 
-def _load_npz(path: str) -> dict[str, np.ndarray]:
+def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` file by name; one-line ``ValueError`` for a missing or unreadable file."""
     if not os.path.isfile(path):
         raise ValidationInputError(f"{path}: no such file")
     try:

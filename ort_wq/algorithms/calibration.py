@@ -17,20 +17,14 @@ import onnx_ir as ir
 
 from ..config import WeightOnlyConfig
 from ..model_io import ModelInputError, inference_session
-from ..validate_inputs import check_feeds, input_values
+from ..validate_inputs import check_feeds, input_values, load_npz
 from .base import LayerStats
 
 
 def npz_batches(path: str | os.PathLike, batch_size: int = 8, max_batches: int | None = None) -> list[dict[str, np.ndarray]]:
     """Batches from an ``.npz`` of arrays keyed by input name, batch along axis 0."""
     p = Path(path)
-    if not p.is_file():
-        raise ModelInputError(f"calibration file {p}: no such file")
-    try:
-        data = np.load(p, allow_pickle=False)
-        arrays = {k: data[k] for k in data.files}
-    except Exception as exc:
-        raise ModelInputError(f"calibration file {p}: not a readable .npz ({exc})") from None
+    arrays = load_npz(p)
     if not arrays:
         raise ModelInputError(f"calibration file {p}: holds no arrays")
     rows = {k: (v.shape[0] if v.ndim else 0) for k, v in arrays.items()}
