@@ -83,6 +83,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--zero-points", choices=("auto", "uint8", "float"), default=d.zero_points,
                    help="asymmetric MatMulNBits zero points: auto = float where the algorithm optimises them "
                    "(hqq) and the CPU kernel takes them (2/4-bit), else uint8")
+    p.add_argument("--sym-grid", choices=("mlas", "inc"), default=d.sym_grid,
+                   help="symmetric grid: mlas = onnxruntime's (the block's largest-magnitude weight is exact, "
+                   "codes -2^(b-1)..2^(b-1)-1); inc = scale 2*max|w|/(2^b-1) (the utilities' quant_tensor)")
     p.add_argument("--min-k", type=_positive_int, default=d.min_k, help="leave weights with fewer input channels")
     p.add_argument("--calibration", metavar="FILE.npz",
                    help="calibration inputs for gptq/awq: arrays keyed by model input name, batch along axis 0")
@@ -110,7 +113,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
             bits=args.bits, block_size=args.block_size, symmetric=args.symmetric, format=args.format,
             accuracy_level=args.accuracy_level, algorithm=args.algorithm, include=args.include,
             exclude=args.exclude, overrides=overrides, min_k=args.min_k, threads=args.threads,
-            zero_points=args.zero_points, algorithm_options=options,
+            zero_points=args.zero_points, sym_grid=args.sym_grid, algorithm_options=options,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None

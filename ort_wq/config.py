@@ -10,6 +10,7 @@ from typing import Any
 from .algorithms.base import QuantSpec
 
 FORMATS = ("nbits", "fpq4", "qdq")
+SYM_GRIDS = ("mlas", "inc")
 BITS_BY_FORMAT = {"nbits": (2, 4, 8), "fpq4": (4,), "qdq": (4, 8)}
 
 
@@ -92,7 +93,9 @@ class WeightOnlyConfig:
     - ``algorithm_options``: keyword arguments of the algorithm, e.g. ``{"damp": 0.05,
       "act_order": False}`` for GPTQ (see each algorithm's signature in ``ort_wq.algorithms``).
     - ``zero_points`` (asymmetric MatMulNBits): ``auto`` (float where the algorithm optimises
-      them, HQQ, and the CPU kernel takes them: 2/4-bit; else uint8), ``uint8`` or ``float``.
+      them and the CPU kernel takes them: 2/4-bit; else uint8), ``uint8`` or ``float``.
+    - ``sym_grid``: the symmetric grid, ``mlas`` (onnxruntime's: the block's signed extreme maps
+      to code ``-2^(b-1)`` exactly) or ``inc`` (the utilities' ``2 max|w| / (2^b - 1)``).
     """
 
     # defaults measured on the shared MiniLM model (benchmarks/bench_defaults.py, README)
@@ -110,6 +113,7 @@ class WeightOnlyConfig:
     min_n: int = 1
     threads: int | None = None
     zero_points: str = "auto"
+    sym_grid: str = "mlas"
     algorithm_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -120,6 +124,8 @@ class WeightOnlyConfig:
         if self.format not in FORMATS:
             raise ValueError(f"format={self.format!r} is not supported; use one of {FORMATS}")
         self._check_spec(self.bits, self.block_size, self.symmetric, "")
+        if self.sym_grid not in SYM_GRIDS:
+            raise ValueError(f"sym_grid={self.sym_grid!r} is not valid; use one of {SYM_GRIDS}")
         if self.zero_points not in ("auto", "uint8", "float"):
             raise ValueError(f"zero_points={self.zero_points!r} is not valid; use 'auto', 'uint8' or 'float'")
         if self.zero_points == "float" and (self.format != "nbits" or self.symmetric):
@@ -190,4 +196,4 @@ class WeightOnlyConfig:
         if block == -1:
             block = max(16, 1 << max(0, k - 1).bit_length())
         float_zp = self.format == "nbits" and bits in (2, 4) and self.zero_points != "uint8"
-        return QuantSpec(bits=bits, block_size=block, symmetric=sym, float_zero_points=float_zp)
+        return QuantSpec(bits=bits, block_size=block, symmetric=sym, float_zero_points=float_zp, sym_grid=self.sym_grid)

@@ -85,7 +85,9 @@ def check_format(qw: QuantizedWeight, w: np.ndarray, spec: QuantSpec) -> None:
     assert int(qw.q.max()) <= maxq
     assert not qw.q.reshape(n, -1)[:, k:].any(), "padded K tail must be zero"
     assert qw.scale.dtype == float_t and qw.scale.shape == (n, kb)
-    assert np.all(np.isfinite(qw.scale.astype(np.float32))) and np.all(qw.scale > 0)
+    assert np.all(np.isfinite(qw.scale.astype(np.float32)))
+    # the MLAS symmetric grid stores a negative scale where a block's extreme is positive
+    assert np.all(qw.scale != 0) if spec.symmetric and spec.sym_grid == "mlas" else np.all(qw.scale > 0)
     if spec.symmetric:
         assert qw.zero_point is None
     elif spec.float_zero_points:

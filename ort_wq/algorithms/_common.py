@@ -7,7 +7,11 @@ Conventions (see :class:`~ort_wq.algorithms.base.QuantizedWeight`):
   tail of the last block is excluded from every error and from every min/max (``mask``).
 - Quantization is always the kernel's unsigned form: ``q = clip(rint(x / scale + zp), 0, 2^b-1)``
   and ``x ~ (q - zp) * scale``. Symmetric means ``zp = 2^(b-1)`` (the kernel default, no
-  zero-point input).
+  zero-point input) on the grid of ``spec.sym_grid``: ``"mlas"``, ``scale = ratio * e / -2^(b-1)``
+  with ``e`` the group's signed extreme (negative scales allowed: the extreme is exact at ratio
+  1), or ``"inc"``, ``scale = ratio * 2 max|x| / (2^b - 1)``.
+- Ranges and spans are computed in float64 where float32 would overflow (finite weights near
+  ±3.4e38), and errors are measured relative to each group's magnitude, so no search sees inf.
 - Asymmetric with integer zero points keeps ``zp`` in ``[0, 2^b-1]``, so the representable range
   always contains 0: ranges are widened to include 0 (unlike ``quant_tensor``'s ``asym``, which
   clips the zero point of groups that do not cross 0 and then saturates them).
@@ -97,10 +101,11 @@ def masked_minmax(x: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, n
 
 
 def round_scale(scale: np.ndarray, dtype) -> np.ndarray:
-    """Scales as stored (float16 kept normal and finite), returned as float32 for the math."""
+    """Scales as stored (float16 magnitudes kept normal and finite, sign kept), as float32 for the math."""
     scale = np.asarray(scale, dtype=np.float32)
     if dtype == np.float16:
-        scale = np.clip(scale, _HALF_TINY, _HALF_MAX).astype(np.float16).astype(np.float32)
+        mag = np.clip(np.abs(scale), _HALF_TINY, _HALF_MAX).astype(np.float16).astype(np.float32)
+        scale = np.where(scale < 0, -mag, mag)
     return scale
 
 
@@ -121,17 +126,24 @@ def minmax_params(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point of groups with range ``[lo, hi]`` shrunk by ``ratio`` (1 = RTN range).
 
-    - symmetric: ``scale = ratio * 2 * max(|lo|, |hi|) / (2^b - 1)`` (the RTN scale at ratio 1).
+    - symmetric, ``"mlas"`` grid: ``scale = ratio * e / -2^(b-1)``, ``e`` the signed extreme
+      (the minimum on a tie): at ratio 1 the extreme is exact (code ``-2^(b-1)``), as in rtn.
+    - symmetric, ``"inc"`` grid: ``scale = ratio * 2 * max(|lo|, |hi|) / (2^b - 1)``.
     - asymmetric, integer zp: range widened to include 0, both ends times ``ratio``.
     - asymmetric, float zp: ``[lo, hi]`` times ``ratio`` mapped exactly onto ``[0, 2^b-1]``.
-    A group of range 0 gets scale 1 (as RTN).
+    A group of range 0 gets scale 1. Spans are taken in float64 (no overflow near float32's max).
     """
     maxq = maxq_of(spec.bits)
     if spec.symmetric:
-        amax = np.maximum(np.abs(lo), np.abs(hi)) * ratio
-        scale = np.where(amax > 0, amax * (2.0 / maxq), 1.0)
+        if spec.sym_grid == "mlas":
+            ext = np.where(np.abs(hi) > np.abs(lo), hi, lo).astype(np.float64) * ratio
+            scale = np.where(ext != 0, ext / -sym_zero(spec.bits), 1.0)
+        else:
+            amax = np.maximum(np.abs(lo), np.abs(hi)).astype(np.float64) * ratio
+            scale = np.where(amax > 0, amax * (2.0 / maxq), 1.0)
         scale = round_scale(scale, dtype)
         return scale, np.full(scale.shape, sym_zero(spec.bits), dtype=np.float32)
+    lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
     if not float_zp(spec):
         lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
     lo, hi = lo * ratio, hi * ratio
@@ -151,32 +163,56 @@ def quantize(x: np.ndarray, scale: np.ndarray, zp: np.ndarray, maxq: int) -> np.
 
 
 def group_error(
-    x: np.ndarray, scale: np.ndarray, zp: np.ndarray, maxq: int, mask: np.ndarray | None, hblocks: np.ndarray | None
+    x: np.ndarray,
+    scale: np.ndarray,
+    zp: np.ndarray,
+    maxq: int,
+    mask: np.ndarray | None,
+    hblocks: np.ndarray | None,
+    weights: np.ndarray | None = None,
+    norm: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Per-group reconstruction error ``[..., kb]``: sum of squares, or ``e^T H_gg e`` with ``hblocks``."""
+    """Per-group reconstruction error ``[..., kb]``.
+
+    Sum of squares, ``sum(weights * e^2)`` with ``weights`` (broadcast to ``x``), or ``e^T H_gg e``
+    with ``hblocks``. ``norm`` ``[..., kb]`` (> 0) divides each group's errors first (the caller
+    passes the same one for every candidate, so comparisons are unchanged; squares stay finite).
+    """
     q = quantize(x, scale, zp, maxq)
     q -= zp[..., None]
     q *= scale[..., None]
     q -= x
+    if norm is not None:
+        q /= norm[..., None]
     if mask is not None:
         q *= mask
     if hblocks is None:
-        return np.einsum("...i,...i->...", q, q)
+        if weights is None:
+            return np.einsum("...i,...i->...", q, q)
+        qw = q * weights
+        return np.einsum("...i,...i->...", qw, q)
     # q: [Nc, kb, bs]; hblocks: [kb, bs, bs] -> e_g^T H_g e_g per (n, g)
     et = q.transpose(1, 0, 2)
     return np.einsum("gni,gni->ng", np.matmul(et, hblocks), et)
 
 
+def group_norm(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """A positive per-group magnitude (``max(|lo|, |hi|)``, 1 for all-zero groups) to measure errors in."""
+    amax = np.maximum(np.abs(lo), np.abs(hi)).astype(np.float32)
+    return np.where(amax > 0, amax, np.float32(1.0))
+
+
 def clip_ratios(spec: QuantSpec, grid: int, min_ratio: float) -> np.ndarray:
     """The clip-ratio grid: ``1.0`` (the RTN range) down to ``min_ratio`` in ``grid`` steps.
 
-    Symmetric grids also get ratios slightly above 1, up to the one that makes the largest
-    positive value exactly representable (``q - zp = 2^(b-1) - 1``): the RTN scale
-    ``amax / (2^(b-1) - 1/2)`` rounds a positive maximum down by half a step.
+    The ``"inc"`` symmetric grid also gets ratios slightly above 1, up to the one that makes the
+    largest positive value exactly representable (``q - zp = 2^(b-1) - 1``): its RTN scale
+    ``amax / (2^(b-1) - 1/2)`` rounds a positive maximum down by half a step. (The ``"mlas"``
+    grid is exact at the extreme at ratio 1.)
     """
     # quadratic spacing: fine steps near 1 (what 8-bit needs), coarse ones far out (2-bit)
     ratios = list(1.0 - (1.0 - min_ratio) * (np.arange(grid + 1) / grid) ** 2) if grid > 0 else [1.0]
-    if spec.symmetric and spec.bits > 1:
+    if spec.symmetric and spec.sym_grid == "inc" and spec.bits > 1:
         half = sym_zero(spec.bits)
         top = (half - 0.5) / (half - 1.0)
         ratios += list(np.linspace(1.0, top, 4)[1:])

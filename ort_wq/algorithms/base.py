@@ -15,12 +15,16 @@ class QuantSpec:
     ``block_size`` is the real block (a per-channel request is already resolved to one block
     over the padded K). ``float_zero_points`` says whether the target can store float zero
     points (MatMulNBits 2/4-bit); algorithms that optimise zero points (HQQ) use it.
+    ``sym_grid`` is the symmetric grid: ``"mlas"`` (onnxruntime's: ``scale = signed extreme /
+    -2^(b-1)``, the largest-magnitude weight exact, the scale negative when it is positive) or
+    ``"inc"`` (the utilities': ``scale = 2 max|w| / (2^b - 1)``); see :mod:`.rtn`.
     """
 
     bits: int = 4
     block_size: int = 32
     symmetric: bool = True
     float_zero_points: bool = False
+    sym_grid: str = "mlas"
 
 
 @dataclass

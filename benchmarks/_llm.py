@@ -1,0 +1,90 @@
+"""Shared by the LLM benchmarks: teacher-forced NLL / KL of onnxruntime-genai decoder folders.
+
+A genai-format decoder (``model.onnx`` with ``input_ids``, ``attention_mask`` and
+``past_key_values.{i}.{key,value}``) runs one forward pass per window: attention mask of ones,
+empty past ``[b, kv_heads, 0, head_size]``. Evaluation tokens: ``smollm2-2l/dev_tokens.npz``
+(8 windows x 256 tokens of ``dev_text.txt``). Calibration tokens come from the same text after
+those 2,048 tokens (no overlap), tokenized with the model's ``tokenizer.json`` when the optional
+``tokenizers`` package is installed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+SHARED = Path(os.environ.get("ORT_WQ_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+SMOLLM2_2L = SHARED / "models" / "smollm2-2l"
+SMOLLM2 = Path(os.environ.get("ORT_WQ_DEV_CACHE", Path.home() / ".cache" / "ort-wq-dev")) / "smollm2-135m"
+DEV_TOKENS = SMOLLM2_2L / "dev_tokens.npz"
+
+
+def available(folder: Path) -> bool:
+    return (folder / "model.onnx").exists() and DEV_TOKENS.exists()
+
+
+def dev_tokens() -> np.ndarray:
+    return np.load(DEV_TOKENS)["input_ids"]
+
+
+def calibration_tokens(rows: int = 8, seq: int = 256) -> np.ndarray | None:
+    """``[rows, seq]`` token windows of dev_text.txt after the evaluation tokens (None without ``tokenizers``)."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return None
+    tok = Tokenizer.from_file(str(SMOLLM2_2L / "tokenizer.json"))
+    ids = tok.encode((SMOLLM2_2L / "dev_text.txt").read_text(), add_special_tokens=False).ids
+    start = dev_tokens().size
+    ids = np.asarray(ids[start : start + rows * seq], dtype=np.int64)
+    return ids[: (ids.size // seq) * seq].reshape(-1, seq)
+
+
+def feeds_for(model_path: str | os.PathLike, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Forward-pass feeds for ``ids [b, s]``: mask of ones, empty KV cache."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    feeds: dict[str, np.ndarray] = {"input_ids": ids.astype(np.int64)}
+    for inp in model.graph.input:
+        if inp.name == "attention_mask":
+            feeds[inp.name] = np.ones(ids.shape, dtype=np.int64)
+        elif inp.name.startswith("past_key_values"):
+            dims = inp.type.tensor_type.shape.dim
+            heads, head_size = dims[1].dim_value, dims[3].dim_value or 64
+            feeds[inp.name] = np.zeros((ids.shape[0], heads, 0, head_size), dtype=np.float32)
+    return feeds
+
+
+def log_probs(model_path: str | os.PathLike, ids: np.ndarray, batch: int = 2) -> np.ndarray:
+    """``log_softmax(logits)`` float32 ``[b, s, V]`` of a forward pass over every window."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    out = []
+    for i in range(0, len(ids), batch):
+        logits = sess.run(["logits"], feeds_for(model_path, ids[i : i + batch]))[0].astype(np.float32)
+        logits -= logits.max(-1, keepdims=True)
+        logits -= np.log(np.exp(logits).sum(-1, keepdims=True))
+        out.append(logits)
+    return np.concatenate(out)
+
+
+def nll(lp: np.ndarray, ids: np.ndarray) -> float:
+    """Mean teacher-forced negative log-likelihood of ``ids[:, 1:]`` (perplexity = exp)."""
+    tgt = ids[:, 1:]
+    return float(-np.take_along_axis(lp[:, :-1], tgt[..., None], -1).mean())
+
+
+def kl(ref: np.ndarray, lp: np.ndarray) -> float:
+    """Mean KL(ref || quantized) per token, from log-probabilities."""
+    return float((np.exp(ref) * (ref - lp)).sum(-1).mean())
+
+
+def model_bytes(model_path: str | os.PathLike) -> int:
+    p = Path(model_path)
+    return sum(f.stat().st_size for f in p.parent.iterdir() if f.name.startswith(p.name))
