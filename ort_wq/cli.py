@@ -81,8 +81,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--override", action="append", default=[], metavar="REGEX=SPEC",
                    help="per-node settings, e.g. 'lm_head=bits:8,block:128' or 'proj=asym' or 'gate=skip' (repeatable)")
     p.add_argument("--zero-points", choices=("auto", "uint8", "float"), default=d.zero_points,
-                   help="asymmetric MatMulNBits zero points: auto = float where the algorithm optimises them "
-                   "(hqq) and the CPU kernel takes them (2/4-bit), else uint8")
+                   help="asymmetric MatMulNBits zero points: auto = uint8; float (2/4-bit) = more accurate "
+                   "with hqq but decodes many times slower on onnxruntime's CPU kernel")
     p.add_argument("--sym-grid", choices=("mlas", "inc"), default=d.sym_grid,
                    help="symmetric grid: mlas = onnxruntime's (the block's largest-magnitude weight is exact, "
                    "codes -2^(b-1)..2^(b-1)-1); inc = scale 2*max|w|/(2^b-1) (the utilities' quant_tensor)")

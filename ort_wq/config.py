@@ -92,8 +92,9 @@ class WeightOnlyConfig:
     - ``threads``: worker threads (default: all cores).
     - ``algorithm_options``: keyword arguments of the algorithm, e.g. ``{"damp": 0.05,
       "act_order": False}`` for GPTQ (see each algorithm's signature in ``ort_wq.algorithms``).
-    - ``zero_points`` (asymmetric MatMulNBits): ``auto`` (float where the algorithm optimises
-      them and the CPU kernel takes them: 2/4-bit; else uint8), ``uint8`` or ``float``.
+    - ``zero_points`` (asymmetric MatMulNBits): ``auto`` (uint8; float only for an algorithm
+      registered to prefer them), ``uint8`` or ``float`` (2/4-bit; more accurate for HQQ, but
+      onnxruntime's CPU kernel runs them many times slower, see ``benchmarks/bench_zero_points.py``).
     - ``sym_grid``: the symmetric grid, ``mlas`` (onnxruntime's: the block's signed extreme maps
       to code ``-2^(b-1)`` exactly) or ``inc`` (the utilities' ``2 max|w| / (2^b - 1)``).
     """
@@ -148,7 +149,7 @@ class WeightOnlyConfig:
             raise ValueError(f"algorithm={self.algorithm!r} is not known; use one of {sorted(list_algorithms())}")
         if self.algorithm_options:
             params = inspect.signature(get_algorithm(self.algorithm)[0]).parameters
-            allowed = sorted(n for n, p in params.items() if p.kind == p.KEYWORD_ONLY and n != "allow_input_scale")
+            allowed = sorted(n for n, p in params.items() if p.kind == p.KEYWORD_ONLY)
             unknown = sorted(set(self.algorithm_options) - set(allowed))
             if unknown:
                 raise ValueError(f"algorithm {self.algorithm!r} has no option {', '.join(unknown)}; "

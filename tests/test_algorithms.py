@@ -111,10 +111,9 @@ def test_registry():
     assert get_algorithm("hqq")[0] is hqq
     assert get_algorithm("gptq") == (gptq, True)
     assert get_algorithm("awq") == (awq, True)
-    # the transform asks for float zero points only from hqq (see the modules' docs); called
-    # directly, every algorithm honours spec.float_zero_points
-    assert uses_float_zero_points("hqq")
-    assert not any(uses_float_zero_points(name) for name in ("rtn-clip", "gptq", "awq"))
+    # float zero points only on request (decode speed, see hqq's doc); called directly, every
+    # algorithm honours spec.float_zero_points
+    assert not any(uses_float_zero_points(name) for name in ("rtn-clip", "hqq", "imatrix", "gptq", "awq"))
 
 
 @pytest.mark.parametrize("spec", CONFIGS, ids=IDS)
@@ -165,18 +164,27 @@ def test_calibration_algorithms_on_outputs_beat_calibration_free(problem):
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_rtn_clip_never_worse_than_rtn_per_group(bits):
-    """Symmetric: ratio 1 of the grid is exactly RTN, so every group's error is <= RTN's."""
+    """Ratio 1 of the grid is exactly RTN, so every group's measured error is <= RTN's.
+
+    Measured error: squared (``objective="mse"``) or weighted by ``1 + w^2 / sigma2``, sigma2 the
+    column's mean square weight over the zero-padded K (``"magnitude"``, the default).
+    """
     _, w, _ = make_problem(k=200, n=16, seed=3)
     spec = QuantSpec(bits, 32, True)
     d_rtn = (w - rtn(w, spec).dequantize()).astype(np.float64)
-    d_clip = (w - rtn_clip(w, spec).dequantize()).astype(np.float64)
+    pad_w = np.zeros((224, w.shape[1]))
+    pad_w[:200] = w
+    magnitude = 1 + pad_w**2 / np.mean(pad_w**2, axis=0)
 
-    def per_group(d):
+    def per_group(d, imp):
         pad = np.zeros((224, d.shape[1]))
         pad[:200] = d
-        return (pad.reshape(7, 32, -1) ** 2).sum(axis=1)
+        return (imp * pad**2).reshape(7, 32, -1).sum(axis=1)
 
-    assert np.all(per_group(d_clip) <= per_group(d_rtn) * (1 + 1e-5) + 1e-12)
+    for objective, imp in (("mse", 1.0), ("magnitude", magnitude)):
+        d_clip = (w - rtn_clip(w, spec, objective=objective).dequantize()).astype(np.float64)
+        assert np.all(per_group(d_clip, imp) <= per_group(d_rtn, imp) * (1 + 1e-5) + 1e-12)
+        assert np.sum(per_group(d_clip, imp)) < np.sum(per_group(d_rtn, imp))
 
 
 def test_float_zero_points_only_when_allowed(problem):

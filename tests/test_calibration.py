@@ -59,13 +59,13 @@ def _rel_error(model, q, feeds):
 def test_every_algorithm_beats_rtn_and_runs(lm, sym):
     model, calib, feeds = lm
     errors = {}
-    for alg in ("rtn", "rtn-clip", "hqq", "gptq", "awq"):
+    for alg in ("rtn", "rtn-clip", "hqq", "imatrix", "gptq", "awq"):
         cfg = WeightOnlyConfig(bits=4, block_size=32, symmetric=sym, algorithm=alg, accuracy_level=0)
         q, report = quantize(model, cfg, calibration=calib, return_report=True)
         assert {c.algorithm for c in report.converted} == {alg}
         assert sum(n.op_type == "MatMulNBits" for n in q.graph.node) == len(report.converted) == 13
         errors[alg] = _rel_error(model, q, feeds)
-    for alg in ("rtn-clip", "hqq", "gptq", "awq"):
+    for alg in ("rtn-clip", "hqq", "imatrix", "gptq", "awq"):
         assert errors[alg] < errors["rtn"], errors
     assert errors["gptq"] < 0.85 * errors["rtn"], errors
 
@@ -79,9 +79,14 @@ def test_activation_aware_beat_rtn_with_outlier_channels(lm_outliers):
     assert errors["gptq"] < 0.85 * errors["rtn"] and errors["awq"] < 0.85 * errors["rtn"], errors
 
 
-def test_hqq_float_zero_points_for_4bit_asym(lm):
+def test_hqq_integer_zero_points_unless_float_asked(lm):
     model, _, feeds = lm
     q = quantize(model, WeightOnlyConfig(algorithm="hqq", symmetric=False, accuracy_level=0))
+    nodes = [n for n in q.graph.node if n.op_type == "MatMulNBits"]
+    inits = {i.name: i for i in q.graph.initializer}
+    assert all(inits[n.input[3]].data_type == onnx.TensorProto.UINT8 for n in nodes)
+    assert _rel_error(model, q, feeds) < 0.2
+    q = quantize(model, WeightOnlyConfig(algorithm="hqq", symmetric=False, accuracy_level=0, zero_points="float"))
     nodes = [n for n in q.graph.node if n.op_type == "MatMulNBits"]
     inits = {i.name: i for i in q.graph.initializer}
     assert all(inits[n.input[3]].data_type == onnx.TensorProto.FLOAT for n in nodes)

@@ -5,8 +5,11 @@ searches one per-channel scale ``s`` over all those weights together; the weight
 multiplied by ``s`` and ``1 / s`` is folded into the producer of ``X`` where that is exact:
 
 - ``LayerNormalization`` (scale and bias), ``RMSNormalization`` / ``SimplifiedLayerNormalization``
-  (scale),
-- ``Mul`` by a constant broadcast along the last axis,
+  (scale), com.microsoft ``SkipSimplifiedLayerNormalization`` (``gamma``, input 2: the pre-norm
+  LLMs of the onnxruntime-genai builder) and ``SkipLayerNormalization`` (``gamma``, ``beta``):
+  only their normalised output 0 changes, not the residual sum (output 3),
+- ``Mul`` by a constant broadcast along the last axis (also the RMSNorm of torch's dynamo export,
+  ``Mul(weight, Mul(x, rsqrt(mean(x^2) + eps)))``),
 - a ``MatMul`` / ``Gemm`` with a constant weight (its output columns), with its ``Add`` bias.
 
 Anything else (the activation also feeds another op, a shared or transposed weight, a producer
@@ -30,7 +33,9 @@ from ._context import QuantContext
 from ._weights import WeightRef, const_tensor, gemm_reason, names_of
 
 _NORMS = {("", "LayerNormalization"): (1, 2), ("", "RMSNormalization"): (1,),
-          ("com.microsoft", "SimplifiedLayerNormalization"): (1,), ("", "SimplifiedLayerNormalization"): (1,)}
+          ("com.microsoft", "SimplifiedLayerNormalization"): (1,), ("", "SimplifiedLayerNormalization"): (1,),
+          ("com.microsoft", "SkipSimplifiedLayerNormalization"): (2,),
+          ("com.microsoft", "SkipLayerNormalization"): (2, 3)}
 
 
 def _domain(node: ir.Node) -> str:
@@ -148,6 +153,8 @@ def fold_awq_scales(model: ir.Model, config: WeightOnlyConfig, stats: dict[str, 
     """
     awq, _ = get_algorithm("awq")
     notes: dict[str, list[str]] = {}
+    if not config.algorithm_options.get("allow_input_scale", True):
+        return notes  # clip search only (each weight is quantized with allow_input_scale=False)
     values = {v.name: v for node in model.graph for v in node.outputs if v.name}
     for name, layer in list(stats.items()):
         x = values.get(name)

@@ -171,12 +171,15 @@ def group_error(
     hblocks: np.ndarray | None,
     weights: np.ndarray | None = None,
     norm: np.ndarray | None = None,
+    no_saturation: bool = False,
 ) -> np.ndarray:
     """Per-group reconstruction error ``[..., kb]``.
 
     Sum of squares, ``sum(weights * e^2)`` with ``weights`` (broadcast to ``x``), or ``e^T H_gg e``
     with ``hblocks``. ``norm`` ``[..., kb]`` (> 0) divides each group's errors first (the caller
     passes the same one for every candidate, so comparisons are unchanged; squares stay finite).
+    ``no_saturation``: groups where some weight is off by more than half a step of ``scale``
+    (clipped, not just rounded) get ``inf``.
     """
     q = quantize(x, scale, zp, maxq)
     q -= zp[..., None]
@@ -188,12 +191,20 @@ def group_error(
         q *= mask
     if hblocks is None:
         if weights is None:
-            return np.einsum("...i,...i->...", q, q)
-        qw = q * weights
-        return np.einsum("...i,...i->...", qw, q)
-    # q: [Nc, kb, bs]; hblocks: [kb, bs, bs] -> e_g^T H_g e_g per (n, g)
-    et = q.transpose(1, 0, 2)
-    return np.einsum("gni,gni->ng", np.matmul(et, hblocks), et)
+            err = np.einsum("...i,...i->...", q, q)
+        else:
+            qw = q * weights
+            err = np.einsum("...i,...i->...", qw, q)
+    else:
+        # q: [Nc, kb, bs]; hblocks: [kb, bs, bs] -> e_g^T H_g e_g per (n, g)
+        et = q.transpose(1, 0, 2)
+        err = np.einsum("gni,gni->ng", np.matmul(et, hblocks), et)
+    if no_saturation:
+        half = np.abs(scale) * np.float32(0.5 * (1 + 1e-4))
+        if norm is not None:
+            half = half / norm
+        err = np.where(np.abs(q).max(axis=-1) > half, np.inf, err)
+    return err
 
 
 def group_norm(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -255,13 +266,18 @@ def search_clip(
     dtype,
     ratios: np.ndarray,
     hblocks: np.ndarray | None = None,
+    weights: Callable[[np.ndarray, int, int], np.ndarray] | None = None,
+    no_saturation: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per group, the clip ratio of ``ratios`` with the lowest error; returns ``(scale, zp)`` [N, kb].
 
     ``x`` is the group view ``[N, kb, bs]``. The error is the group's squared reconstruction
-    error, or with ``hblocks`` (``[kb, bs, bs]``, the diagonal blocks of the input Hessian) the
-    group's share of the output error ``e^T H_gg e``. Ratio 1 (the RTN range) is always in the
-    grid, so no group gets worse than the min/max range under the measured error.
+    error; with ``weights`` (``weights(x[c0:c1], c0, c1)`` -> per-element importance broadcast to
+    that chunk, see :mod:`._importance`) the weighted one; with ``hblocks`` (``[kb, bs, bs]``,
+    the diagonal blocks of the input Hessian) the group's share of the output error
+    ``e^T H_gg e``. Ratio 1 (the RTN range) is always in the grid, so no group gets worse than
+    the min/max range under the measured error. ``no_saturation``: other ratios only where no
+    weight is clipped beyond half a step (so no weight's error exceeds half of rtn's step).
     """
     maxq = maxq_of(spec.bits)
     n, kb, bs = x.shape
@@ -271,10 +287,12 @@ def search_clip(
     def one(c0: int, c1: int) -> None:
         xc = x[c0:c1]
         lo, hi = masked_minmax(xc, mask)
+        norm = group_norm(lo, hi)
+        wc = None if weights is None else weights(xc, c0, c1)
         best_err = None
-        for r in ratios:
+        for i, r in enumerate(ratios):
             s, z = minmax_params(lo, hi, spec, float(r), dtype)
-            err = group_error(xc, s, z, maxq, mask, hblocks)
+            err = group_error(xc, s, z, maxq, mask, hblocks, wc, norm, no_saturation and i > 0)
             if best_err is None:
                 best_err, best_s, best_z = err, s, z
             else:

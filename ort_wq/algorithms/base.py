@@ -141,7 +141,7 @@ def uses_float_zero_points(name: str) -> bool:
 def _load_all() -> None:
     from . import rtn  # noqa: F401
 
-    for mod in ("rtn_clip", "hqq", "gptq", "awq"):
+    for mod in ("rtn_clip", "hqq", "imatrix", "gptq", "awq"):
         try:
             __import__(f"{__package__}.{mod}")
         except ModuleNotFoundError as exc:

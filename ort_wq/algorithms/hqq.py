@@ -16,9 +16,18 @@ What is optimised depends on what the format can store:
 - symmetric: the zero point is fixed by the kernel (``2^(b-1)``), so only the scale is
   optimised (least squares ``s = <W - W_e, Q - z> / ||Q - z||^2``).
 
-Registered with ``float_zero_points=True``: the transform gives HQQ float zero points wherever the
-target stores them (MatMulNBits 2/4-bit). MiniLM, 4-bit asym, mean cosine to fp32: block 32
-0.9761 (float zp) vs 0.9748 (uint8 zp), block 128 0.9549 vs 0.9538.
+Zero points: integers (uint8) unless asked for (``zero_points="float"`` / ``--zero-points float``).
+Float zero points gain accuracy (SmolLM2 2-layer, 4-bit block 128 asym, KL of the logits to
+fp32: 0.113 float vs 0.167 uint8; rtn 0.180) but onnxruntime's CPU MatMulNBits has no prepacked
+kernel for them: at M = 1 (one decoded token) a call takes 22-600x as long
+(``benchmarks/bench_zero_points.py``; 576 x 1536 block 32: 1.6 ms vs 0.07 ms), so decoding
+becomes many times slower.
+
+The searches keep, per group, the best iterate under the magnitude-weighted squared error
+(``objective="magnitude"``, :mod:`._importance`: ``(1 + w^2 / sigma2) e^2``) rather than the plain
+squared error (``"mse"``): the plain error lets HQQ and the clip search trade an output head's
+largest weights for its many small ones (SmolLM2 2-layer, block 128 sym, KL: 0.463 with
+``"mse"``, 0.139 with ``"magnitude"``, rtn 0.154).
 
 Differences from the reference implementation (documented choices):
 
@@ -41,6 +50,7 @@ from ._common import (
     clip_ratios,
     finalize,
     group_error,
+    group_norm,
     group_view,
     masked_minmax,
     maxq_of,
@@ -52,6 +62,7 @@ from ._common import (
     run_chunks,
     search_clip,
 )
+from ._importance import objective_weights
 from .base import LayerStats, QuantizedWeight, QuantSpec, register
 
 
@@ -68,14 +79,16 @@ def _shrink_lp(d: np.ndarray, beta: float, p: float) -> np.ndarray:
     return np.copysign(t, d)
 
 
-def _hqq_chunk(x, mask, spec, dtype, iters, lp_norm, beta, kappa, optimize_scale, ratios):
+def _hqq_chunk(x, mask, spec, dtype, iters, lp_norm, beta, kappa, optimize_scale, ratios, weights):
     maxq = maxq_of(spec.bits)
+    lo, hi = masked_minmax(x, mask)
+    norm = group_norm(lo, hi)
+    wc = None if weights is None else weights(x, 0, 0)
     if ratios is None:
-        lo, hi = masked_minmax(x, mask)
         s, z = minmax_params(lo, hi, spec, 1.0, dtype)
     else:
-        s, z = search_clip(x, mask, spec, dtype, ratios)
-    best_err = group_error(x, s, z, maxq, mask, None)
+        s, z = search_clip(x, mask, spec, dtype, ratios, weights=weights)
+    best_err = group_error(x, s, z, maxq, mask, None, wc, norm)
     best_s, best_z = s, z
     # work in units of the initial step: x / s0 (s0 > 0 always)
     s0 = s.copy()
@@ -112,7 +125,7 @@ def _hqq_chunk(x, mask, spec, dtype, iters, lp_norm, beta, kappa, optimize_scale
         s = round_scale(sn * s0, dtype)
         z = round_zp(z, spec, dtype)
         sn = s / s0
-        err = group_error(x, s, z, maxq, mask, None)
+        err = group_error(x, s, z, maxq, mask, None, wc, norm)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_s = np.where(better, s, best_s)
@@ -120,7 +133,7 @@ def _hqq_chunk(x, mask, spec, dtype, iters, lp_norm, beta, kappa, optimize_scale
     return best_s, best_z
 
 
-@register("hqq", float_zero_points=True)
+@register("hqq")
 def hqq(
     w: np.ndarray,
     spec: QuantSpec,
@@ -132,6 +145,7 @@ def hqq(
     kappa: float = 1.01,
     optimize_scale: bool = True,
     init: str = "auto",
+    objective: str = "magnitude",
 ) -> QuantizedWeight:
     """Half-quadratic optimisation of each group's scale / zero point (see the module doc).
 
@@ -150,6 +164,7 @@ def hqq(
     if init == "auto":
         init = "clip" if spec.symmetric else "minmax"
     ratios = clip_ratios(spec, 20, 0.5) if init == "clip" else None
+    weights = objective_weights(objective)
     x, mask = group_view(w, spec.block_size)
     n, kb, bs = x.shape
     scale = np.empty((n, kb), dtype=np.float32)
@@ -157,7 +172,7 @@ def hqq(
 
     def one(c0: int, c1: int) -> None:
         scale[c0:c1], zp[c0:c1] = _hqq_chunk(
-            x[c0:c1], mask, spec, dtype, iters, lp_norm, beta, kappa, optimize_scale, ratios
+            x[c0:c1], mask, spec, dtype, iters, lp_norm, beta, kappa, optimize_scale, ratios, weights
         )
 
     run_chunks(one, n, kb * bs)

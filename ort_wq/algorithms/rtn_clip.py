@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._common import check_weight, clip_ratios, finalize, group_view, out_dtype, search_clip
+from ._importance import objective_weights
 from .base import LayerStats, QuantizedWeight, QuantSpec, register
 
 
@@ -31,6 +32,8 @@ def rtn_clip(
     *,
     grid: int = 20,
     min_ratio: float = 0.5,
+    objective: str = "magnitude",
+    saturate: bool = False,
 ) -> QuantizedWeight:
     """Round to nearest with the per-group clip ratio minimising the group's MSE.
 
@@ -40,5 +43,7 @@ def rtn_clip(
     k = w.shape[0]
     dtype = out_dtype(w)
     x, mask = group_view(w, spec.block_size)
-    scale, zp = search_clip(x, mask, spec, dtype, clip_ratios(spec, grid, min_ratio))
+    weights = objective_weights(objective)
+    scale, zp = search_clip(x, mask, spec, dtype, clip_ratios(spec, grid, min_ratio), weights=weights,
+                            no_saturation=not saturate)
     return finalize(x, scale, zp, spec, k, dtype)

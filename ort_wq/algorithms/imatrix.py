@@ -1,0 +1,154 @@
+"""imatrix: importance-weighted scale / zero-point search (llama.cpp's k-quants with an importance matrix).
+
+Between rtn and gptq: it reads only the per-channel activation energy that calibration already
+collects (``diag(X^T X) / rows``, the "importance matrix"), changes no code it does not have to
+and propagates no error, so it costs a small multiple of rtn (one pass per candidate) and no
+K x K algebra.
+
+Per group (``block_size`` consecutive K values of one output column), with importance
+``u_k = E[x_k^2] * sqrt(1 + w_k^2 / sigma2)`` (``sigma2``: the column's mean square weight; the
+weighting of llama.cpp's ``quantize_row_*_impl``), minimise ``sum_k u_k (w_k - s (q_k - z))^2``:
+
+1. candidates: the min/max parameters with the range scaled by each ratio of a grid around 1
+   (as ``make_qx_quants`` tries ``iscale = -(nmax + 0.1 i) / max``); on the symmetric MLAS grid
+   also the mirrored grid (the extreme exact at code ``2^(b-1) - 1`` instead of ``-2^(b-1)``);
+2. codes by rounding to nearest, then the weighted least-squares refit of the parameters for
+   those codes: ``s = sum u w c / sum u c^2`` (``c = q - z``, symmetric), or the joint fit of
+   ``w ~ a q + b`` (asymmetric: ``s = a``, ``z = -b / a``, rounded to an integer unless float
+   zero points are stored), then rounding again with the refitted parameters;
+3. the candidate with the smallest weighted error is kept; rtn's own parameters are candidate 0,
+   so no group ends worse than rtn under this error.
+
+Without statistics for a weight (``stats=None`` is refused; the transform falls back to rtn
+where no statistics were collected) use ``rtn-clip``, which runs the same weighting without the
+activation term.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._common import (
+    check_weight,
+    finalize,
+    group_error,
+    group_norm,
+    group_view,
+    masked_minmax,
+    maxq_of,
+    minmax_params,
+    out_dtype,
+    quantize,
+    require_stats,
+    round_scale,
+    round_zp,
+    run_chunks,
+    sym_zero,
+)
+from ._importance import activation_weighted
+from .base import LayerStats, QuantizedWeight, QuantSpec, register
+
+
+def candidate_ratios(spec: QuantSpec, grid: int, span: float) -> list[float]:
+    """Range ratios: 1 first, then ``grid`` steps over ``[1 - span, 1 + span / 4]`` (and mirrored ones)."""
+    ratios = [1.0, *np.linspace(1.0 - span, 1.0 + span / 4, max(1, grid)).tolist()]
+    if spec.symmetric and spec.sym_grid == "mlas" and spec.bits > 1:
+        mid = sym_zero(spec.bits)
+        flip = -mid / (mid - 1.0)
+        ratios += [flip * r for r in np.linspace(1.0 - span / 2, 1.0, max(1, grid // 4)).tolist()]
+    return ratios
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.einsum("...i,...i->...", a, b, dtype=np.float64)  # float64 sums: no overflow near float32's max
+
+
+def refit(x, wts, scale, zp, spec: QuantSpec, dtype, maxq: int) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted least-squares parameters for the codes of ``(scale, zp)``; falls back where degenerate."""
+    q = quantize(x, scale, zp, maxq)
+    if spec.symmetric:
+        q -= zp[..., None]
+        uq = wts * q
+        num = _dot(uq, x)
+        den = _dot(uq, q)
+        ok = den > 0
+        s = np.where(ok, num / np.where(ok, den, 1.0), scale)
+        s = np.where(s != 0, s, scale)
+        return round_scale(s, dtype), zp
+    # joint fit of x ~ a q + b under weights
+    sw = wts.sum(-1, dtype=np.float64)
+    swq = _dot(wts, q)
+    swx = _dot(wts, x)
+    uq = wts * q
+    swqq = _dot(uq, q)
+    swqx = _dot(uq, x)
+    det = sw * swqq - swq * swq
+    ok = (det > 1e-12 * np.maximum(sw * swqq, 1e-30)) & (sw > 0)
+    detv = np.where(ok, det, 1.0)
+    a = (sw * swqx - swq * swx) / detv
+    b = (swqq * swx - swq * swqx) / detv
+    ok &= a > 0
+    s = round_scale(np.where(ok, a, scale), dtype)
+    z = round_zp(np.where(ok, -b / np.where(ok, s, 1.0), zp), spec, dtype)
+    return s, z
+
+
+def weighted_search(x, mask, spec: QuantSpec, dtype, weights, ratios, refine: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Per group, the best candidate (ratio, then optional refit) under the weighted error; ``(scale, zp)``."""
+    maxq = maxq_of(spec.bits)
+    n, kb, bs = x.shape
+    scale = np.empty((n, kb), dtype=np.float32)
+    zp = np.empty((n, kb), dtype=np.float32)
+
+    def one(c0: int, c1: int) -> None:
+        xc = x[c0:c1]
+        lo, hi = masked_minmax(xc, mask)
+        norm = group_norm(lo, hi)
+        wc = weights(xc, c0, c1)
+        if mask is not None:
+            wc = wc * mask
+        best = None
+        for i, r in enumerate(ratios):
+            s, z = minmax_params(lo, hi, spec, float(r), dtype)
+            cands = [(s, z)] if i == 0 or not refine else [(s, z), refit(xc, wc, s, z, spec, dtype, maxq)]
+            for s, z in cands:
+                err = group_error(xc, s, z, maxq, mask, None, wc, norm)
+                if best is None:
+                    best = [err, s, z]
+                    continue
+                better = err < best[0]
+                best = [np.where(better, err, best[0]), np.where(better, s, best[1]), np.where(better, z, best[2])]
+        scale[c0:c1] = best[1]
+        zp[c0:c1] = best[2]
+
+    run_chunks(one, n, kb * bs)
+    return scale, zp
+
+
+@register("imatrix", needs_calibration=True)
+def imatrix(
+    w: np.ndarray,
+    spec: QuantSpec,
+    stats: LayerStats | None = None,
+    *,
+    grid: int = 12,
+    span: float = 0.3,
+    refine: bool = True,
+) -> QuantizedWeight:
+    """Importance-weighted parameter search (see the module doc). ``stats`` (activation energy) is required.
+
+    ``grid``: ratio candidates over ``[1 - span, 1 + span/4]`` besides rtn's range; ``refine``:
+    add the weighted least-squares refit of each candidate.
+    """
+    w = check_weight(w, spec)
+    k = w.shape[0]
+    stats = require_stats(stats, "imatrix", k)
+    if not 0 < span < 1:
+        raise ValueError(f"span={span!r} must lie in (0, 1)")
+    dtype = out_dtype(w)
+    x, mask = group_view(w, spec.block_size)
+    weights = activation_weighted(stats, k, spec.block_size)
+    scale, zp = weighted_search(x, mask, spec, dtype, weights, candidate_ratios(spec, int(grid), float(span)), refine)
+    result = finalize(x, scale, zp, spec, k, dtype)
+    result.notes.append(f"imatrix: grid={grid}, span={span}, refine={refine}")
+    return result
