@@ -319,3 +319,34 @@ def test_reference_op_matches_the_kernel_and_catches_bad_scales():
     with pytest.raises(ValueError, match="scales have shape"):
         ops.evaluate("GatherBlockQuantized", [np.zeros((64, 64), np.uint8), ids["ids"],
                                               numpy_helper.to_array(scales)[:, :2]], {"bits": 4, "block_size": 32})
+
+
+def test_inspect_and_quantize_agree_on_every_node():
+    """One target finder: a node inspect calls quantizable is converted, every other one is not."""
+    from ort_wq.inspect import inspect_rows
+    import onnx_ir as ir
+
+    rng = np.random.default_rng(0)
+    w = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    nodes = [
+        helper.make_node("Gather", ["E", "ids"], ["h"], name="embed"),
+        helper.make_node("MatMul", ["h", "W1"], ["a"], name="mm"),
+        helper.make_node("Gemm", ["a", "W2"], ["b"], name="gemm_alpha2", alpha=2.0),
+        helper.make_node("Gemm", ["b", "W3"], ["c"], name="gemm_1xN"),
+        helper.make_node("Gemm", ["c", "W4"], ["d"], name="gemm_transB", transB=1),
+        helper.make_node("FusedMatMul", ["d", "W5"], ["e"], name="fused", domain="com.microsoft"),
+        helper.make_node("MatMul", ["e", "Wsmall"], ["f"], name="too_small"),
+        helper.make_node("Transpose", ["f"], ["f_t"], perm=[1, 0]),
+        helper.make_node("MatMul", ["f", "f_t"], ["g"], name="activation_matmul"),
+    ]
+    inits = [init("E", w(50, 64)), init("W1", w(64, 64)), init("W2", w(64, 64)), init("W3", w(1, 64)),
+             init("W4", w(64, 64)), init("W5", w(64, 8)), init("Wsmall", w(8, 8))]
+    m = make_model(nodes, [vi("ids", ["S"], TensorProto.INT64)], [vi("g", ["S", "S"])], inits, extra_opsets=MS)
+    rows = {r["node"]: r["status"] for r in inspect_rows(ir.serde.deserialize_model(m))}
+    _, report = quantize(m, WeightOnlyConfig(), return_report=True)
+    converted = {c.node for c in report.converted}
+    assert converted == {n for n, s in rows.items() if s.startswith("quantizable")}
+    assert converted == {"embed", "mm", "gemm_transB", "fused"}
+    skipped = {s.node: s.reason for s in report.skipped}
+    for name in ("gemm_alpha2", "gemm_1xN", "too_small", "activation_matmul"):
+        assert rows[name] == f"not quantizable: {skipped[name]}", name
