@@ -282,6 +282,18 @@ def test_quantizing_twice_changes_nothing_and_names_stay():
     assert [o.name for o in q2.graph.output] == [o.name for o in m.graph.output] == ["logits"]
 
 
+def test_constant_node_table():
+    e = np.random.default_rng(1).standard_normal((20, 64)).astype(np.float32)
+    nodes = [helper.make_node("Constant", [], ["E"], value=numpy_helper.from_array(e)),
+             helper.make_node("Gather", ["E", "ids"], ["y"], name="embed")]
+    m = make_model(nodes, [vi("ids", ["S"], TensorProto.INT32)], [vi("y", ["S", 64])], [])
+    q = quantize(m, WeightOnlyConfig())
+    assert _ops(q) == ["GatherBlockQuantized"]
+    ids = np.array([0, 19, -20], np.int32)
+    (y,) = run_model(q, {"ids": ids})
+    np.testing.assert_allclose(y, _table(q, q.graph.node[-1], 64)[ids], rtol=1e-6, atol=1e-6)
+
+
 def test_gather_in_a_subgraph_and_a_shape_gather_left_alone():
     e = np.random.default_rng(0).standard_normal((50, 64)).astype(np.float32)
     branch = helper.make_graph([helper.make_node("Gather", ["E", "ids"], ["h"], name="sub_embed")], "then", [],
