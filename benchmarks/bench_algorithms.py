@@ -1,13 +1,18 @@
 """Accuracy of the algorithms side by side with onnxruntime's quantizer.
 
-On the shared MiniLM model: onnxruntime's ``MatMulNBitsQuantizer`` (default algorithm) and each
-of ours at 4-bit, block 32 and 128, sym and asym. Calibration uses rows 0-127 of
-``dev_inputs.npz``; quality (mean cosine of the embeddings to fp32, nearest-neighbour agreement)
-is measured on rows 128-255. Then a generated LM-like model with outlier activation channels,
-where the activation-aware algorithms must beat round-to-nearest. Prints tables and rewrites
-its section of ``benchmarks/README.md``.
+On the full SmolLM2-135M (onnxruntime-genai fp32 folder, ``../shared/llm/build_smollm2.sh``):
+teacher-forced perplexity on ``smollm2-2l/dev_tokens.npz`` (8 x 256 tokens of the GPL text),
+output size and quantization time, onnxruntime's ``MatMulNBitsQuantizer`` (default RTN) and ours
+in the same run; the tied embedding stays fp32 for its Gather on both sides (like with like:
+onnxruntime's quantizer leaves it), calibration (imatrix/gptq/awq) on 8 x 256 tokens of the same
+text after the evaluation tokens. On the shared MiniLM model: each of ours at 4-bit, block 32
+and 128, sym and asym. Calibration uses rows 0-127 of ``dev_inputs.npz``; quality (mean cosine
+of the embeddings to fp32, nearest-neighbour agreement) is measured on rows 128-255. Then a
+generated LM-like model with outlier activation channels, where the activation-aware algorithms
+must beat round-to-nearest. Prints tables and rewrites its section of ``benchmarks/README.md``.
 
-    python benchmarks/bench_algorithms.py [--algorithms rtn,hqq,...] [--blocks 32,128] [--no-readme]
+    python benchmarks/bench_algorithms.py [--algorithms rtn,hqq,...] [--blocks 32,128]
+        [--llm-algorithms rtn,imatrix] [--llm-settings 128-sym,32-sym] [--skip-llm] [--no-readme]
 """
 
 from __future__ import annotations
@@ -24,11 +29,14 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import _llm as L  # noqa: E402
 import _minilm as M  # noqa: E402
 
 from ort_wq import WeightOnlyConfig, quantize  # noqa: E402
 
-ALGORITHMS = ["rtn", "rtn-clip", "hqq", "gptq", "awq"]
+ALGORITHMS = ["rtn", "rtn-clip", "hqq", "imatrix", "gptq", "awq"]
+CALIBRATED = ("imatrix", "gptq", "awq")
+MATMULS = ("MatMul", "Gemm", "FusedMatMul")
 
 
 def _ort(src: str, out: str, block: int, sym: bool) -> float:
@@ -42,7 +50,7 @@ def _ort(src: str, out: str, block: int, sym: bool) -> float:
 def _ours(src, out: str, algorithm: str, block: int, sym: bool, calibration) -> float:
     cfg = WeightOnlyConfig(bits=4, block_size=block, symmetric=sym, algorithm=algorithm, accuracy_level=0)
     t = time.perf_counter()
-    quantize(src, cfg, output=out, calibration=calibration if algorithm in ("gptq", "awq") else None)
+    quantize(src, cfg, output=out, calibration=calibration if algorithm in CALIBRATED else None)
     return time.perf_counter() - t
 
 
@@ -70,6 +78,41 @@ def minilm_table(algorithms: list[str], blocks: list[int]) -> list[str]:
     return rows
 
 
+def smollm2_table(algorithms: list[str], settings: list[tuple[int, bool]]) -> list[str]:
+    src = L.SMOLLM2 / "model.onnx"
+    ids = L.dev_tokens()
+    ref = L.log_probs(src, ids)
+    toks = L.calibration_tokens(8, 256)
+    calibration = None if toks is None else [L.feeds_for(src, toks[i : i + 2]) for i in range(0, len(toks), 2)]
+    rows = [f"fp32: perplexity {np.exp(L.nll(ref, ids)):.2f}, {L.model_bytes(src) / 1e6:.0f} MB", "",
+            "| quantizer | block | scheme | perplexity | KL to fp32 | size MB | time s |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (block, sym) in enumerate(settings):
+            scheme = "sym" if sym else "asym"
+            runs = [("onnxruntime MatMulNBitsQuantizer", None), *((f"ort-wq {a}", a) for a in algorithms)]
+            for j, (label, alg) in enumerate(runs):
+                if alg in CALIBRATED and calibration is None:
+                    print(f"skipping {alg}: the optional 'tokenizers' package is needed for calibration tokens")
+                    continue
+                out = os.path.join(tmp, f"{i}-{j}", "model.onnx")
+                os.makedirs(os.path.dirname(out))
+                if alg is None:
+                    dt = _ort(str(src), out, block, sym)
+                else:
+                    cfg = WeightOnlyConfig(bits=4, block_size=block, symmetric=sym, algorithm=alg, accuracy_level=0,
+                                           op_types=MATMULS)
+                    t = time.perf_counter()
+                    quantize(str(src), cfg, output=out, calibration=calibration if alg in CALIBRATED else None)
+                    dt = time.perf_counter() - t
+                lp = L.log_probs(out, ids)
+                rows.append(f"| {label} | {block} | {scheme} | {np.exp(L.nll(lp, ids)):.2f} | {L.kl(ref, lp):.4f} | "
+                            f"{L.model_bytes(out) / 1e6:.1f} | {dt:.1f} |")
+                print(rows[-1], flush=True)
+                del lp
+    return rows
+
+
 def lm_table(algorithms: list[str], block: int = 128) -> list[str]:
     import onnxruntime as ort
 
@@ -89,7 +132,7 @@ def lm_table(algorithms: list[str], block: int = 128) -> list[str]:
         for alg in algorithms:
             cfg = WeightOnlyConfig(bits=4, block_size=block, symmetric=sym, algorithm=alg, accuracy_level=0)
             t = time.perf_counter()
-            q = quantize(model, cfg, calibration=calibration if alg in ("gptq", "awq") else None)
+            q = quantize(model, cfg, calibration=calibration if alg in CALIBRATED else None)
             dt = time.perf_counter() - t
             out = run(q).reshape(-1, 2000).astype(np.float64)
             rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
@@ -103,12 +146,30 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--algorithms", default=",".join(ALGORITHMS))
     ap.add_argument("--blocks", default="32,128")
+    ap.add_argument("--llm-algorithms", default="rtn,rtn-clip,hqq,imatrix,gptq,awq")
+    ap.add_argument("--llm-settings", default="32-sym,128-sym,32-asym,128-asym", help="block-scheme list")
+    ap.add_argument("--skip-llm", action="store_true", help="no SmolLM2 table")
+    ap.add_argument("--skip-minilm", action="store_true", help="no MiniLM table")
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite benchmarks/README.md")
     args = ap.parse_args()
     algorithms = args.algorithms.split(",")
     blocks = [int(b) for b in args.blocks.split(",")]
     sections = []
-    if M.available():
+    if args.skip_llm:
+        pass
+    elif L.available(L.SMOLLM2):
+        settings = [(int(b), s == "sym") for b, s in (x.split("-") for x in args.llm_settings.split(","))]
+        print("SmolLM2-135M (4-bit, accuracy_level 0; perplexity on dev_tokens.npz)")
+        sections += ["SmolLM2-135M-Instruct (full, 30 layers, onnxruntime-genai fp32), 4-bit, accuracy_level 0: "
+                     "teacher-forced perplexity and mean KL(fp32 || quantized) per token on the 8 x 256 tokens of "
+                     "`smollm2-2l/dev_tokens.npz`; the tied embedding stays fp32 for its Gather on both sides; "
+                     "imatrix/gptq/awq calibrated on the next 2,048 tokens of the same text; time = quantization "
+                     "(load, calibrate, quantize, save). Its linear weights lie on a Q4_1 grid: asymmetric block 32 "
+                     "favours every asymmetric method there.", "",
+                     *smollm2_table(args.llm_algorithms.split(","), settings), ""]
+    else:
+        print(f"skipping SmolLM2: {L.SMOLLM2} not found (bash ../shared/llm/build_smollm2.sh)")
+    if M.available() and not args.skip_minilm:
         print("MiniLM (4-bit, accuracy_level 0; calibrate rows 0-127, evaluate rows 128-255)")
         sections += ["MiniLM sentence embedder, 4-bit, accuracy_level 0; mean cosine similarity of the embeddings to "
                      "fp32 and nearest-neighbour agreement on rows 128-255 of dev_inputs.npz (gptq/awq calibrated on "

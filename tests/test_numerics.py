@@ -42,3 +42,58 @@ def test_ranges_near_float32_max_stay_finite(name, spec):
     step = np.abs(qw.scale.astype(np.float64)).max()
     assert np.max(np.abs(deq - w.astype(np.float64))) <= 0.6 * (2**spec.bits - 1) * step
     assert np.max(np.abs(deq - w.astype(np.float64))) / np.float64(BIG) < 0.5
+
+
+def _problem(k=256, n=64, rows=400, seed=0):
+    """Activations with a few high-energy channels, a weight with a few large entries."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    x[:, rng.choice(k, 8, replace=False)] *= 20.0
+    w = (0.02 * rng.standard_normal((k, n))).astype(np.float32)
+    w[rng.integers(0, k, 30), rng.integers(0, n, 30)] *= 8.0
+    stats = LayerStats(k)
+    stats.update(x)
+    return x, w, stats
+
+
+def _out_err(x, w, qw) -> float:
+    return float(np.linalg.norm(x.astype(np.float64) @ (w.astype(np.float64) - qw.dequantize().astype(np.float64))))
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32, True), QuantSpec(4, 128, True), QuantSpec(4, 32, False),
+                                  QuantSpec(2, 32, False), QuantSpec(8, 64, True),
+                                  QuantSpec(4, 32, False, float_zero_points=True)], ids=str)
+def test_imatrix_beats_rtn_on_outputs_and_never_loses_a_group(spec):
+    from ort_wq.algorithms._importance import activation_weighted
+
+    x, w, stats = _problem(k=200)  # K not a multiple of 128: a padded last block
+    rtn, _ = get_algorithm("rtn")
+    imatrix, needs = get_algorithm("imatrix")
+    assert needs
+    base, qw = rtn(w, spec), imatrix(w, spec, stats)
+    assert qw.q.shape == base.q.shape and qw.scale.dtype == np.float32
+    assert (qw.zero_point is None) == spec.symmetric
+    assert _out_err(x, w, qw) < 0.97 * _out_err(x, w, base)
+    # per group, the weighted error it minimises is never above rtn's (rtn is candidate 0)
+    bs, kb = spec.block_size, -(-200 // spec.block_size)
+    wv = np.zeros((64, kb * bs), np.float32)
+    wv[:, :200] = w.T
+    imp = activation_weighted(stats, 200, bs)(wv.reshape(64, kb, bs), 0, 64).astype(np.float64)
+    imp *= (np.arange(kb * bs) < 200).reshape(kb, bs)
+
+    def per_group(q):
+        d = np.zeros((kb * bs, 64))
+        d[:200] = w - q.dequantize()
+        return np.einsum("ngi,ngi->ng", imp, (d.T.reshape(64, kb, bs)) ** 2)
+
+    if not spec.float_zero_points:  # (rtn has integer zero points; the float-zp start is min/max exact)
+        assert np.all(per_group(qw) <= per_group(base) * (1 + 1e-4) + 1e-12)
+
+
+def test_imatrix_needs_statistics():
+    imatrix, _ = get_algorithm("imatrix")
+    with pytest.raises(ValueError, match="needs calibration"):
+        imatrix(np.ones((64, 4), np.float32), QuantSpec(4, 32, True), None)
+    _, w, stats = _problem()
+    with pytest.raises(ValueError, match="span"):
+        imatrix(w, QuantSpec(4, 32, True), stats, span=1.5)

@@ -16,8 +16,9 @@ weighting of llama.cpp's ``quantize_row_*_impl``), minimise ``sum_k u_k (w_k - s
    those codes: ``s = sum u w c / sum u c^2`` (``c = q - z``, symmetric), or the joint fit of
    ``w ~ a q + b`` (asymmetric: ``s = a``, ``z = -b / a``, rounded to an integer unless float
    zero points are stored), then rounding again with the refitted parameters;
-3. the candidate with the smallest weighted error is kept; rtn's own parameters are candidate 0,
-   so no group ends worse than rtn under this error.
+3. the candidate with the smallest weighted error is kept; the min/max range (rtn's parameters,
+   up to a rounding tie; with float zero points the exact ``[min, max]`` map) is candidate 0, so no
+   group ends worse than it under this error.
 
 Without statistics for a weight (``stats=None`` is refused; the transform falls back to rtn
 where no statistics were collected) use ``rtn-clip``, which runs the same weighting without the

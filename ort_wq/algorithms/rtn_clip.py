@@ -34,6 +34,7 @@ def rtn_clip(
     min_ratio: float = 0.5,
     objective: str = "magnitude",
     saturate: bool = False,
+    refine: bool = False,
 ) -> QuantizedWeight:
     """Round to nearest with the per-group clip ratio minimising the group's MSE.
 
@@ -44,6 +45,12 @@ def rtn_clip(
     dtype = out_dtype(w)
     x, mask = group_view(w, spec.block_size)
     weights = objective_weights(objective)
-    scale, zp = search_clip(x, mask, spec, dtype, clip_ratios(spec, grid, min_ratio), weights=weights,
-                            no_saturation=not saturate)
+    ratios = clip_ratios(spec, grid, min_ratio)
+    if refine:
+        from .imatrix import weighted_search
+
+        scale, zp = weighted_search(x, mask, spec, dtype, weights or (lambda xc, c0, c1: np.ones_like(xc)),
+                                    list(ratios), True)
+    else:
+        scale, zp = search_clip(x, mask, spec, dtype, ratios, weights=weights, no_saturation=not saturate)
     return finalize(x, scale, zp, spec, k, dtype)
