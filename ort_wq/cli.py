@@ -70,8 +70,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=d.accuracy_level,
                    help="MatMulNBits compute type: 0 exact float math, 4 int8 activations (fastest on CPU)")
     p.add_argument("--algorithm", choices=sorted(list_algorithms()), default=d.algorithm,
-                   help="rtn: round to nearest; rtn-clip: with a per-block clip search; hqq: half-quadratic; "
-                   "gptq, awq: use --calibration data")
+                   help="rtn: round to nearest (onnxruntime's numbers); rtn-clip: with a per-block clip search; "
+                   "hqq: half-quadratic; imatrix (importance-weighted search, cheap), gptq, awq: use --calibration data")
     p.add_argument("--algorithm-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the algorithm, e.g. 'damp=0.05' or 'act_order=false' for gptq, "
                    "'iters=40' for hqq, 'grid=40' for rtn-clip (repeatable)")
@@ -93,7 +93,7 @@ def _add_quantize(sub) -> None:
                    "codes -2^(b-1)..2^(b-1)-1); inc = scale 2*max|w|/(2^b-1) (the utilities' quant_tensor)")
     p.add_argument("--min-k", type=_positive_int, default=d.min_k, help="leave weights with fewer input channels")
     p.add_argument("--calibration", metavar="FILE.npz",
-                   help="calibration inputs for gptq/awq: arrays keyed by model input name, batch along axis 0")
+                   help="calibration inputs for imatrix/gptq/awq: arrays keyed by model input name, batch along axis 0")
     p.add_argument("--calibration-batches", type=_positive_int, default=None, metavar="N",
                    help="use at most N batches of the calibration file")
     p.add_argument("--calibration-batch-size", type=_positive_int, default=8, metavar="B",

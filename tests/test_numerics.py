@@ -97,3 +97,21 @@ def test_imatrix_needs_statistics():
     _, w, stats = _problem()
     with pytest.raises(ValueError, match="span"):
         imatrix(w, QuantSpec(4, 32, True), stats, span=1.5)
+
+
+@pytest.mark.parametrize("name", ["rtn-clip", "hqq"])
+def test_calibration_free_searches_keep_rtn_on_output_heads(name):
+    """A vocabulary-shaped weight (N >= 8192, N >= 6 K) gets rtn's numbers exactly; others are searched."""
+    rng = np.random.default_rng(5)
+    spec = QuantSpec(4, 32, True)
+    fn, _ = get_algorithm(name)
+    rtn, _ = get_algorithm("rtn")
+    head = rng.standard_normal((64, 8192)).astype(np.float32)
+    qw, base = fn(head, spec, None), rtn(head, spec)
+    np.testing.assert_array_equal(qw.q, base.q)
+    np.testing.assert_array_equal(qw.scale, base.scale)
+    assert any("output-head" in n for n in qw.notes)
+    searched = fn(head, spec, None, head_rule=False)
+    assert not np.array_equal(searched.scale, base.scale)
+    body = rng.standard_normal((256, 1024)).astype(np.float32)  # N = 4 K: not a head
+    assert not np.array_equal(fn(body, spec, None).scale, rtn(body, spec).scale)

@@ -356,6 +356,22 @@ def finalize(
     return QuantizedWeight(q, scale.astype(dtype), zero_point, spec.bits, k)
 
 
+def minmax_result(w: np.ndarray, spec: QuantSpec, note: str = "") -> QuantizedWeight:
+    """The min/max range as is: rtn's result (with float zero points, ``[min, max]`` mapped exactly)."""
+    if float_zp(spec):
+        dtype = out_dtype(w)
+        x, mask = group_view(w, spec.block_size)
+        scale, zp = minmax_params(*masked_minmax(x, mask), spec, 1.0, dtype)
+        result = finalize(x, scale, zp, spec, w.shape[0], dtype)
+    else:
+        from .rtn import rtn_fast
+
+        result = rtn_fast(np.asarray(w), spec)
+    if note:
+        result.notes.append(note)
+    return result
+
+
 def rtn_dequant(w: np.ndarray, spec: QuantSpec, dtype) -> np.ndarray:
     """Min/max round-to-nearest then dequantize: float32 ``[K, N]`` (the helpers' RTN, see module doc)."""
     k, n = w.shape

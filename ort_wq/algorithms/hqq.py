@@ -46,6 +46,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._common import (
+    minmax_result,
     check_weight,
     clip_ratios,
     finalize,
@@ -62,7 +63,7 @@ from ._common import (
     run_chunks,
     search_clip,
 )
-from ._importance import objective_weights
+from ._importance import HEAD_NOTE, looks_like_output_head, objective_weights
 from .base import LayerStats, QuantizedWeight, QuantSpec, register
 
 
@@ -146,6 +147,7 @@ def hqq(
     optimize_scale: bool = True,
     init: str = "auto",
     objective: str = "magnitude",
+    head_rule: bool = True,
 ) -> QuantizedWeight:
     """Half-quadratic optimisation of each group's scale / zero point (see the module doc).
 
@@ -158,6 +160,8 @@ def hqq(
     """
     w = check_weight(w, spec)
     k = w.shape[0]
+    if head_rule and looks_like_output_head(*w.shape):
+        return minmax_result(w, spec, HEAD_NOTE)
     dtype = out_dtype(w)
     if init not in ("auto", "minmax", "clip"):
         raise ValueError(f"init={init!r}: use 'auto', 'minmax' or 'clip'")
