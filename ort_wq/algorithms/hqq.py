@@ -37,8 +37,10 @@ Differences from the reference implementation (documented choices):
   transformer weights it never fires and the method reduces to alternating least squares).
 - Symmetric runs start from the rtn-clip grid search (``init="auto"``).
 - Instead of stopping the whole tensor when the mean error stops improving, every group keeps
-  its own best iterate under the squared reconstruction error (the start -- min/max, or the clip
-  search -- is iterate 0, so no group ends worse than its start).
+  its own best iterate under the magnitude-weighted squared error, among the iterates that clip
+  no weight past half a step (the start -- min/max, or the clip search -- is iterate 0, so no
+  group ends worse than its start).
+- Output heads (``head_rule``): rtn's range is kept, as in rtn-clip (see its module doc).
 """
 
 from __future__ import annotations
@@ -46,9 +48,9 @@ from __future__ import annotations
 import numpy as np
 
 from ._common import (
-    minmax_result,
     check_weight,
     clip_ratios,
+    default_min_ratio,
     finalize,
     group_error,
     group_norm,
@@ -56,6 +58,7 @@ from ._common import (
     masked_minmax,
     maxq_of,
     minmax_params,
+    minmax_result,
     out_dtype,
     quantize,
     round_scale,
@@ -126,7 +129,7 @@ def _hqq_chunk(x, mask, spec, dtype, iters, lp_norm, beta, kappa, optimize_scale
         s = round_scale(sn * s0, dtype)
         z = round_zp(z, spec, dtype)
         sn = s / s0
-        err = group_error(x, s, z, maxq, mask, None, wc, norm)
+        err = group_error(x, s, z, maxq, mask, None, wc, norm, no_saturation=True)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_s = np.where(better, s, best_s)
@@ -167,7 +170,7 @@ def hqq(
         raise ValueError(f"init={init!r}: use 'auto', 'minmax' or 'clip'")
     if init == "auto":
         init = "clip" if spec.symmetric else "minmax"
-    ratios = clip_ratios(spec, 20, 0.5) if init == "clip" else None
+    ratios = clip_ratios(spec, 20, default_min_ratio(spec)) if init == "clip" else None
     weights = objective_weights(objective)
     x, mask = group_view(w, spec.block_size)
     n, kb, bs = x.shape

@@ -32,7 +32,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import minmax_result, check_weight, clip_ratios, finalize, group_view, out_dtype, search_clip
+from ._common import (
+    check_weight,
+    clip_ratios,
+    default_min_ratio,
+    finalize,
+    group_view,
+    minmax_result,
+    out_dtype,
+    search_clip,
+)
 from ._importance import HEAD_NOTE, looks_like_output_head, objective_weights
 from .base import LayerStats, QuantizedWeight, QuantSpec, register
 
@@ -44,7 +53,7 @@ def rtn_clip(
     stats: LayerStats | None = None,
     *,
     grid: int = 20,
-    min_ratio: float = 0.5,
+    min_ratio: float | None = None,
     objective: str = "magnitude",
     saturate: bool = False,
     refine: bool = False,
@@ -52,7 +61,8 @@ def rtn_clip(
 ) -> QuantizedWeight:
     """Round to nearest with the per-group clip ratio minimising the group's weighted error.
 
-    ``grid`` steps from ratio 1.0 to ``min_ratio`` (``grid=0``: min/max only); ``objective``
+    ``grid`` steps from ratio 1.0 to ``min_ratio`` (``grid=0``: min/max only; default 0.5
+    symmetric, 0.97 asymmetric, see :func:`._common.default_min_ratio`); ``objective``
     ``"magnitude"`` or ``"mse"``; ``saturate=True`` allows clipping past half a step; ``refine``
     adds imatrix's weighted least-squares refit of each candidate; ``head_rule=False`` searches
     output heads too. ``stats`` is ignored.
@@ -64,7 +74,7 @@ def rtn_clip(
     dtype = out_dtype(w)
     x, mask = group_view(w, spec.block_size)
     weights = objective_weights(objective)
-    ratios = clip_ratios(spec, grid, min_ratio)
+    ratios = clip_ratios(spec, grid, default_min_ratio(spec) if min_ratio is None else float(min_ratio))
     if refine:
         from .imatrix import weighted_search
 
