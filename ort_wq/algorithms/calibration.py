@@ -82,8 +82,16 @@ def collect_stats(
     config: WeightOnlyConfig,
     *,
     progress: bool = False,
+    model_path: str | os.PathLike | None = None,
 ) -> dict[str, LayerStats]:
-    """Run the calibration batches and return the statistics of every target activation."""
+    """Run the calibration batches and return the statistics of every target activation.
+
+    ``calibration``: a ``CalibrationDataReader``, a list of input dicts or a
+    :class:`ort_wq.text.CalibrationText` (tokenized here; ``model_path`` locates the default
+    tokenizer and the config files that give the KV-cache shapes).
+    The session computes only what the targets need: the model's own outputs (logits, KV
+    caches) are dropped from its graph for the pass, and only the target activations are fetched.
+    """
     import onnxruntime as ort
 
     targets = target_activations(model, config)
@@ -91,31 +99,50 @@ def collect_stats(
     if not targets:
         return stats
     specs = input_values(model)
-    known = {v.name for v in model.graph.outputs}
+    batches, total = _batches(model, calibration, model_path)
     values = {v.name: v for node in model.graph for v in node.outputs}
     values.update({v.name: v for v in model.graph.inputs})
-    extra = [values[n] for n in targets if n in values and n not in known]
-    model.graph.outputs.extend(extra)
+    names = [n for n in targets if n in values]
+    outputs = list(model.graph.outputs)
+    model.graph.outputs.clear()
+    model.graph.outputs.extend(values[n] for n in names)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     try:
         sess = inference_session(model, so)
-        names = list(targets)
-        batches = iter_batches(calibration)
-        if progress:
-            from tqdm import tqdm
-
-            batches = tqdm(batches, desc="calibrating", unit="batch", leave=False)
-        seen = 0
-        for i, batch in enumerate(batches):
-            feeds = check_feeds(batch, specs, f"model (calibration batch {i})")
-            outs = sess.run(names, feeds)
-            for name, x in zip(names, outs):
-                stats[name].update(x)
-            seen += 1
-        if not seen:
-            raise ModelInputError("calibration data holds no batch")
     finally:
-        for v in extra:
-            model.graph.outputs.remove(v)
+        model.graph.outputs.clear()
+        model.graph.outputs.extend(outputs)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc="calibrating", unit="batch", total=total, leave=False)
+    seen = 0
+    for i, batch in enumerate(batches):
+        feeds = check_feeds(batch, specs, f"model (calibration batch {i})")
+        outs = sess.run(names, feeds)
+        for name, x in zip(names, outs):
+            stats[name].update(x)
+        del outs
+        seen += 1
+    if not seen:
+        raise ModelInputError("calibration data holds no batch")
     return stats
+
+
+def _batches(model: ir.Model, calibration: Any, model_path: Any) -> tuple[Iterable[dict], int | None]:
+    """The calibration batches (a lazy iterable) and their number when known."""
+    from ..text import CalibrationText
+
+    if isinstance(calibration, CalibrationText):
+        from ..feeds import decoder_layout, make_feeds
+        from ..folders import model_folder
+
+        windows = calibration.windows(model_path)
+        folder = model_folder(model_path) if model_path is not None else None
+        layout = decoder_layout(model, folder)
+        if layout.input_ids is None:
+            raise ModelInputError("calibration text needs a model with an 'input_ids' input")
+        return (make_feeds(model, input_ids=w[None], layout=layout) for w in windows), len(windows)
+    total = len(calibration) if isinstance(calibration, (list, tuple)) else None
+    return iter_batches(calibration), total
