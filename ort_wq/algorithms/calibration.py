@@ -89,8 +89,8 @@ def collect_stats(
     ``calibration``: a ``CalibrationDataReader``, a list of input dicts or a
     :class:`ort_wq.text.CalibrationText` (tokenized here; ``model_path`` locates the default
     tokenizer and the config files that give the KV-cache shapes).
-    The session computes only what the targets need: the model's own outputs (logits, KV
-    caches) are dropped from its graph for the pass, and only the target activations are fetched.
+    The session computes only what the targets need: its outputs are the target activations,
+    and the nodes they do not depend on (an LLM's output head and its logits) are left out.
     """
     import onnxruntime as ort
 
@@ -100,19 +100,14 @@ def collect_stats(
         return stats
     specs = input_values(model)
     batches, total = _batches(model, calibration, model_path)
-    values = {v.name: v for node in model.graph for v in node.outputs}
-    values.update({v.name: v for v in model.graph.inputs})
+    values = {v.name for node in model.graph for v in node.outputs} | {v.name for v in model.graph.inputs}
     names = [n for n in targets if n in values]
-    outputs = list(model.graph.outputs)
-    model.graph.outputs.clear()
-    model.graph.outputs.extend(values[n] for n in names)
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    try:
-        sess = inference_session(model, so)
-    finally:
-        model.graph.outputs.clear()
-        model.graph.outputs.extend(outputs)
+    # memory: no second, pre-packed copy of every weight, no arena kept at its high-water mark
+    so.add_session_config_entry("session.disable_prepacking", "1")
+    so.enable_cpu_mem_arena = False
+    sess = inference_session(model, so, outputs=names)
     if progress:
         from tqdm import tqdm
 
