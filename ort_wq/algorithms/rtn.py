@@ -53,16 +53,53 @@ def _slab(w3: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray, np.n
     return q.astype(np.uint8), scale, None if spec.symmetric else zp.astype(np.uint8)
 
 
+def _outputs(n: int, kb: int, bs: int, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Empty codes ``[N, kb, bs]``, scales and zero points ``[N, kb]`` to be filled slab by slab."""
+    zero_point = None if spec.symmetric else np.empty((n, kb), dtype=np.uint8)
+    return np.empty((n, kb, bs), dtype=np.uint8), np.empty((n, kb), dtype=np.float32), zero_point
+
+
+def _result(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, spec: QuantSpec, k: int) -> QuantizedWeight:
+    n, kb, bs = q.shape
+    if kb * bs > k:
+        q.reshape(n, -1)[:, k:] = 0
+    return QuantizedWeight(q, scale, zero_point, spec.bits, k)
+
+
+def _rtn_rows(wt: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
+    """:func:`rtn_fast` for a weight stored transposed, ``wt = W.T`` ``[N, K]`` (a Gather table, a
+    ``transB`` Gemm weight): its blocks are contiguous along rows, so chunks of rows are viewed as
+    ``[kb, bs, rows]`` slabs; no transposed copy of the float weight is made."""
+    n, k = wt.shape
+    bs = spec.block_size
+    kb = -(-k // bs)
+    q, scale, zero_point = _outputs(n, kb, bs, spec)
+    step = max(1, _SLAB_VALUES // max(1, kb * bs))
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        rows = wt[r0:r1]
+        if kb * bs > k:  # the last block: zero padding, as pad_tensor does
+            padded = np.zeros((r1 - r0, kb * bs), dtype=np.float32)
+            padded[:, :k] = rows
+            rows = padded
+        qs, ss, zs = _slab(rows.reshape(r1 - r0, kb, bs).transpose(1, 2, 0), spec)
+        q[r0:r1] = qs.transpose(2, 0, 1)
+        scale[r0:r1] = ss.T
+        if zero_point is not None:
+            zero_point[r0:r1] = zs.T
+    return _result(q, scale, zero_point, spec, k)
+
+
 def rtn_fast(w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
     """Round to nearest on ``W[K, N]`` float32, bit-identical to :func:`rtn_reference`."""
     if w.dtype != np.float32:
         return rtn_reference(w, spec)
+    if not w.flags.c_contiguous and w.T.flags.c_contiguous:
+        return _rtn_rows(w.T, spec)
     k, n = w.shape
     bs = spec.block_size
     kb = -(-k // bs)
-    q = np.empty((n, kb, bs), dtype=np.uint8)
-    scale = np.empty((n, kb), dtype=np.float32)
-    zero_point = None if spec.symmetric else np.empty((n, kb), dtype=np.uint8)
+    q, scale, zero_point = _outputs(n, kb, bs, spec)
     step = max(1, _SLAB_VALUES // max(1, bs * n))
     for b0 in range(0, kb, step):
         b1 = min(kb, b0 + step)
@@ -74,9 +111,7 @@ def rtn_fast(w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
         scale[:, b0:b1] = ss.T
         if zero_point is not None:
             zero_point[:, b0:b1] = zs.T
-    if kb * bs > k:
-        q.reshape(n, -1)[:, k:] = 0
-    return QuantizedWeight(q, scale, zero_point, spec.bits, k)
+    return _result(q, scale, zero_point, spec, k)
 
 
 @register("rtn")
