@@ -164,8 +164,9 @@ def evaluate(
     this many windows of ``seq_len`` tokens. Raises ``ValueError`` (``ModelInputError``) for
     unusable models, text or tokenizer.
     """
-    from .text import default_tokenizer, load_tokenizer, token_windows
+    from .text import default_tokenizer, load_tokenizer, read_text, token_windows
 
+    read_text(text)  # a missing or empty text fails first
     if tokenizer is None:
         tokenizer = next((p for p in (default_tokenizer(original), default_tokenizer(quantized)) if p.is_file()),
                          default_tokenizer(original))  # fmt: skip

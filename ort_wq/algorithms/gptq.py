@@ -52,6 +52,7 @@ from ._common import (
     require_stats,
     search_clip,
 )
+from ._blas import one_blas_thread
 from .base import LayerStats, QuantizedWeight, QuantSpec, register
 
 
@@ -60,37 +61,49 @@ from .base import LayerStats, QuantizedWeight, QuantSpec, register
 _SUB_BLOCK = 32
 
 
-# rows/columns per block of the in-place Cholesky factorisation and triangular inverse
+# rows/columns per block of the in-place Cholesky factorisation and triangular inverse; the
+# diagonal blocks recurse with a quarter of it down to _LAPACK_MAX, the size handed to LAPACK
+# (OpenBLAS's threaded potrf/getri are up to 100x slower than one thread on a busy machine above
+# ~128; the matrix products between blocks do the bulk of the work)
 _FACTOR_BLOCK = 512
+_LAPACK_MAX = 128
 
 
-def _cholesky_inplace(a: np.ndarray) -> None:
+def _cholesky_inplace(a: np.ndarray, b: int = _FACTOR_BLOCK) -> None:
     """Overwrite the symmetric ``a`` with its lower Cholesky factor ``L`` (upper part zeroed).
 
     Left-looking by column blocks: one block column at a time is updated with the finished
     columns (one matrix product), factorised on its diagonal block and solved below it. Memory:
     ``a`` itself plus one block column. ``np.linalg.LinAlgError`` if ``a`` is not positive definite.
     """
-    k, b = a.shape[0], _FACTOR_BLOCK
+    k = a.shape[0]
+    if k <= _LAPACK_MAX:
+        a[...] = np.linalg.cholesky(a)
+        return
     for j0 in range(0, k, b):
         j1 = min(j0 + b, k)
         if j0:
             a[j0:, j0:j1] -= a[j0:, :j0] @ a[j0:j1, :j0].T
-        l11 = np.linalg.cholesky(a[j0:j1, j0:j1])
-        a[j0:j1, j0:j1] = l11
+        _cholesky_inplace(a[j0:j1, j0:j1], max(_LAPACK_MAX, b // 4))
         if j1 < k:
-            a[j1:, j0:j1] = a[j1:, j0:j1] @ np.linalg.inv(l11).T
+            l_inv = a[j0:j1, j0:j1].copy()
+            _lower_inv_inplace(l_inv, max(_LAPACK_MAX, b // 4))
+            a[j1:, j0:j1] = a[j1:, j0:j1] @ l_inv.T
             a[j0:j1, j1:] = 0.0
 
 
-def _lower_inv_inplace(a: np.ndarray) -> None:
+def _lower_inv_inplace(a: np.ndarray, b: int = _FACTOR_BLOCK) -> None:
     """Overwrite the lower-triangular ``a`` with its inverse, block column by block column from
     the last: ``[[D, 0], [B, T]]^-1 = [[D^-1, 0], [-T^-1 B D^-1, T^-1]]`` with ``T^-1`` already in
     place; ``T^-1 (B D^-1)`` is taken block row by block row over ``T``'s lower part only."""
-    k, b = a.shape[0], _FACTOR_BLOCK
+    k = a.shape[0]
+    if k <= _LAPACK_MAX:
+        a[...] = np.tril(np.linalg.inv(a))
+        return
     for j0 in reversed(range(0, k, b)):
         j1 = min(j0 + b, k)
-        d_inv = np.tril(np.linalg.inv(a[j0:j1, j0:j1]))
+        d_inv = a[j0:j1, j0:j1].copy()
+        _lower_inv_inplace(d_inv, max(_LAPACK_MAX, b // 4))
         if j1 < k:
             p = a[j1:, j0:j1] @ d_inv
             for r0 in range(j1, k, b):
@@ -142,6 +155,7 @@ def _group_params(rows: np.ndarray, spec: QuantSpec, dtype, ratios) -> tuple[np.
 
 
 @register("gptq", needs_calibration=True)
+@one_blas_thread
 def gptq(
     w: np.ndarray,
     spec: QuantSpec,
@@ -152,7 +166,9 @@ def gptq(
     block: int = 128,
     clip_search: bool = True,
 ) -> QuantizedWeight:
-    """GPTQ with group-aware scales (see the module doc). ``stats.hessian`` is required."""
+    """GPTQ with group-aware scales (see the module doc). ``stats.hessian`` is required.
+
+    Runs on one BLAS thread (:mod:`._blas`): the transform quantizes weights in parallel."""
     w = check_weight(w, spec)
     k, n = w.shape
     stats = require_stats(stats, "gptq", k)
