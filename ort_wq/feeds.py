@@ -29,7 +29,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["DecoderLayout", "decoder_layout", "make_feeds", "is_dynamic", "input_values", "kv_output_names"]
+__all__ = [
+    "DecoderLayout", "decoder_layout", "make_feeds", "is_dynamic", "input_values", "kv_output_names", "compared_outputs",
+]  # fmt: skip
 
 _PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
 _PAST = re.compile(r"^past", re.IGNORECASE)
@@ -49,6 +51,19 @@ def is_dynamic(dim: Any) -> bool:
 def kv_output_names(model: ir.Model) -> list[str]:
     """Graph outputs that are a KV cache (``present.*`` and friends)."""
     return [v.name for v in model.graph.outputs if _PRESENT.match(v.name)]
+
+
+def compared_outputs(model: ir.Model, outputs: list[str] | None = None) -> list[str]:
+    """The outputs worth comparing: ``outputs`` (checked against the model), else every output
+    but a decoder's KV caches (all of them if that leaves none)."""
+    names = [v.name for v in model.graph.outputs]
+    if outputs is None:
+        kv = set(kv_output_names(model))
+        return [n for n in names if n not in kv] or names
+    unknown = [n for n in outputs if n not in names]
+    if unknown or not outputs:
+        raise ValueError(f"no output named {', '.join(map(repr, unknown)) or 'given'}; the model has {', '.join(names)}")
+    return list(dict.fromkeys(outputs))
 
 
 @dataclass

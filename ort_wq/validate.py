@@ -22,7 +22,7 @@ import onnxruntime as ort
 
 from . import ops
 from .model_io import as_ir_model
-from .feeds import kv_output_names, with_batch
+from .feeds import compared_outputs, with_batch
 from .validate_inputs import (  # noqa: F401  (re-exported)
     ValidationInputError,
     _batches,
@@ -300,7 +300,10 @@ def validate(
     q_inputs, names = sorted(v.name for v in input_values(quant.model)), sorted(batches[0])
     if q_inputs != names:
         raise ValidationInputError(f"the quantized model's inputs {q_inputs} differ from the original's {names}")
-    names = _output_names(orig.model, outputs)
+    try:
+        names = compared_outputs(orig.model, outputs)
+    except ValueError as exc:
+        raise ValidationInputError(str(exc)) from None
     missing = [n for n in names if n not in {v.name for v in quant.model.graph.outputs}]
     if missing:
         raise ValidationInputError(f"the quantized model lacks the original's output(s) {', '.join(missing)}")
@@ -345,19 +348,6 @@ def validate(
         ref_run = _reference_run(quant, batches, names, report)
         report.reference_outputs = _Accumulator.compare(names, q_outputs, ref_run)
     return report
-
-
-def _output_names(model: ir.Model, outputs: Sequence[str] | None) -> list[str]:
-    """The outputs to compare: ``outputs`` (checked), else all but the KV-cache outputs."""
-    names = [v.name for v in model.graph.outputs]
-    if outputs is None:
-        kv = set(kv_output_names(model))
-        return [n for n in names if n not in kv] or names
-    unknown = [n for n in outputs if n not in names]
-    if unknown or not outputs:
-        raise ValidationInputError(f"no output named {', '.join(map(repr, unknown)) or 'given'}; "
-                                   f"the original has {', '.join(names)}")  # fmt: skip
-    return list(dict.fromkeys(outputs))
 
 
 def add_validate_arguments(parser: argparse.ArgumentParser) -> None:

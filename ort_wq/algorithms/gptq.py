@@ -28,6 +28,14 @@ Every step is vectorised over the N output channels.
   act-order at block 32, 0.9857 vs 0.9825 at block 128; ``act_order=False`` is the classic
   sequential-groups GPTQ.
 
+Scale: ``H`` is factorised in place in one float32 ``K x K`` array (the permuted copy of
+``X^T X``, the only one made): a left-looking blocked Cholesky of the reversed ``H`` and a
+blocked triangular inverse, matrix products between blocks of 512 and LAPACK only on blocks of
+<= 128, on one BLAS thread (weights run in parallel). On an 11008 x 1024 down projection
+calibrated on 4096 rows (``benchmarks/bench_gptq_llm.py``, 2 shared cores): 33 s and 1.5 GB
+peak RSS against onnxruntime's GPTQ's 135 s and 4.6 GB in the same run (0.25x, 0.33x); before:
+6.9 GB (a float64 ``H`` copied four times) and 0.38x the time.
+
 Float zero points: honoured when called with ``spec.float_zero_points`` (asymmetric groups then
 map ``[min, max]`` exactly), but the algorithm is registered without ``float_zero_points`` so
 the transform asks it for uint8 zero points: on MiniLM (4-bit asym) float zero points lowered
