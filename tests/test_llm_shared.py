@@ -88,3 +88,17 @@ def test_onnxruntime_genai_generates_with_the_output(q4):
     seq = gen.get_sequence(0)
     assert len(seq) == len(prompt) + steps and steps == 8
     assert isinstance(tok.decode(seq), str)
+
+
+SHARED = S2.parent
+OTHERS = [SHARED / "minilm" / "minilm_l6.onnx", SHARED / "magika" / "model.onnx"]
+
+
+@pytest.mark.parametrize("model", OTHERS, ids=["minilm", "magika"])
+def test_validate_defaults_pass_the_default_output(model, tmp_path):
+    """The tool's own default quantization passes its own default validation (exit 0)."""
+    if not model.exists():
+        pytest.skip(f"{model} is absent")
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", str(model), str(out), "--quiet"]) == 0
+    assert main(["validate", str(model), str(out)]) == 0

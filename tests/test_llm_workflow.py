@@ -198,3 +198,10 @@ def test_inspect_folder_report_json(folder, tmp_path, capsys):
     assert main(["inspect", str(folder), "--report-json", str(tmp_path / "i.json")]) == 0
     r = json.loads((tmp_path / "i.json").read_text())
     assert r["command"] == "inspect" and {n["node"] for n in r["nodes"]} >= {"lm_head", "mlp.up"}
+
+
+def test_validate_defaults_pass_the_demo(tmp_path):
+    from ort_wq.demo import run_demo
+
+    run_demo(layers=2, hidden=256, save_dir=str(tmp_path))
+    assert main(["validate", str(tmp_path / "original.onnx"), str(tmp_path / "quantized.onnx")]) == 0
