@@ -99,9 +99,12 @@ def _add_quantize(sub) -> None:
 def _run_quantize(args: argparse.Namespace) -> int:
     from .config import NodeOverride, WeightOnlyConfig, parse_option
     from .model_io import load_model
-    from .quantize import _same_file, quantize
+    from pathlib import Path
 
-    if _same_file(args.input, args.output):
+    from .output_files import same_file
+    from .quantize import quantize
+
+    if same_file(Path(args.input), Path(args.output)):
         raise UsageError(f"OUTPUT {args.output!r} is the input model; choose another path")
     try:
         overrides = [NodeOverride.parse(o) for o in args.override]

@@ -30,7 +30,7 @@ def test_minilm_default_quality(tmp_path):
     out = tmp_path / "q.onnx"
     _, report = quantize(str(M.MINILM), WeightOnlyConfig(), output=out, return_report=True)
     assert len(report.converted) == 36
-    assert (tmp_path / "q.onnx.data").exists()  # the input had external data
+    assert len(list(tmp_path.glob("q.onnx.*.data"))) == 1  # the input had external data
     cos, nn = M.quality(ref, M.embed(out, feeds))
     assert cos >= MINILM_MIN_COSINE, cos
     assert nn >= 0.8
