@@ -7,8 +7,11 @@ as one ``error:`` line, never a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
@@ -97,10 +100,11 @@ def _add_quantize(sub) -> None:
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
-    from .config import NodeOverride, WeightOnlyConfig, parse_option
-    from .model_io import load_model
     from pathlib import Path
 
+    from .algorithms import list_algorithms
+    from .config import NodeOverride, WeightOnlyConfig, parse_option
+    from .model_io import load_model
     from .output_files import same_file
     from .quantize import quantize
 
@@ -118,12 +122,16 @@ def _run_quantize(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     load_model(args.input)  # bad input files fail here, before any work
+    needs_calibration = list_algorithms()[args.algorithm]
     calibration = None
-    if args.calibration:
+    if args.calibration and not needs_calibration:
+        print(f"ort-wq quantize: note: --algorithm {args.algorithm} does not use calibration data; "
+              f"--calibration {args.calibration} is ignored (gptq and awq use it)", file=sys.stderr)
+    elif args.calibration:
         from .algorithms.calibration import npz_batches
 
         calibration = npz_batches(args.calibration, args.calibration_batch_size, args.calibration_batches)
-    elif args.algorithm in ("gptq", "awq"):
+    elif needs_calibration:
         raise UsageError(f"--algorithm {args.algorithm} needs --calibration FILE.npz")
     start = time.perf_counter()
     _, report = quantize(args.input, config, output=args.output, calibration=calibration,
@@ -195,34 +203,83 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the job stops and its temporary files are removed."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+# errors of the user's files and folders (exit 2), as opposed to faults of ort-wq (exit 1)
+_USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ENOSPC, errno.EDQUOT,
+                errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _silence_stdout() -> None:
+    """After the reader of stdout went away (``| head``): drop further output instead of raising at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (tests capture stdout)
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
         parser.print_help()
         return EXIT_USAGE
-    from .model_io import ModelInputError
+    in_main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+    try:
+        return _dispatch(args)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    def error(text: str, code: int) -> int:
+        print(f"ort-wq {args.command}: {text}", file=sys.stderr)
+        return code
 
     try:
-        return int(args.run(args))
-    except (UsageError, ModelInputError, FileNotFoundError) as exc:
-        print(f"ort-wq {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ValueError as exc:  # invalid settings or input data found while working
-        print(f"ort-wq {args.command}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return EXIT_USAGE
+        code = int(args.run(args))
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141  # like any tool whose reader closed the pipe (128 + SIGPIPE)
+    except (UsageError, ValueError) as exc:  # ModelInputError and invalid settings or input data
+        return error(f"error: {_line(exc)}", EXIT_USAGE)
+    except OSError as exc:
+        if exc.errno not in _USER_ERRNOS:
+            return _internal(args, exc)
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) not in str(exc.strerror) else ""
+        return error(f"error: {exc.strerror or _line(exc)}{where}; nothing was written", EXIT_USAGE)
+    except Terminated:
+        return error("terminated; nothing was written", 143)
     except KeyboardInterrupt:
-        print(f"ort-wq {args.command}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return error("interrupted; nothing was written", 130)
     except MemoryError:
-        print(f"ort-wq {args.command}: error: out of memory; nothing was written", file=sys.stderr)
-        return EXIT_FAILED
-    except Exception as exc:
-        if os.environ.get("ORT_WQ_DEBUG"):
-            raise
-        print(f"ort-wq {args.command}: error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-              "(nothing was written; set ORT_WQ_DEBUG=1 for the traceback)", file=sys.stderr)
-        return EXIT_FAILED
+        return error("error: out of memory; nothing was written", EXIT_FAILED)
+    except Exception as exc:  # noqa: BLE001
+        return _internal(args, exc)
+
+
+def _internal(args: argparse.Namespace, exc: BaseException) -> int:
+    if os.environ.get("ORT_WQ_DEBUG"):
+        raise exc
+    print(f"ort-wq {args.command}: error: {type(exc).__name__}: {_line(exc)} "
+          "(nothing was written; set ORT_WQ_DEBUG=1 for the traceback)", file=sys.stderr)
+    return EXIT_FAILED
 
 
 if __name__ == "__main__":  # pragma: no cover

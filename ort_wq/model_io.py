@@ -99,7 +99,11 @@ def _check_external_files(proto: onnx.ModelProto, base: Path, where: str) -> Non
                                   "copy the data file beside the model")
         if not f.is_file():
             raise ModelInputError(f"{where}: external data file {loc!r} is missing (expected at {f}); keep it beside the model")
-        have = f.stat().st_size
+        st = f.stat()
+        if st.st_nlink > 1:
+            raise ModelInputError(f"{where}: external data file {loc!r} has {st.st_nlink} hard links, which onnx "
+                                  "refuses to read (a guard against link attacks); use a copy of it")
+        have = st.st_size
         if end and have < end:
             raise ModelInputError(f"{where}: external data file {loc!r} is truncated ({have} bytes, tensor {name!r} "
                                   f"needs {end})")
