@@ -9,6 +9,8 @@ from typing import Any
 from .algorithms.base import QuantSpec
 
 FORMATS = ("nbits", "fpq4", "qdq")
+# the consumer ops whose constant weights are quantized (transforms/targets.py holds their table)
+OP_TYPES = ("MatMul", "Gemm", "FusedMatMul", "Gather")
 BITS_BY_FORMAT = {"nbits": (2, 4, 8), "fpq4": (4,), "qdq": (4, 8)}
 
 
@@ -88,7 +90,9 @@ class WeightOnlyConfig:
       4-bit blocks of 32), ``qdq`` (DequantizeLinear + MatMul, opset >= 21).
     - ``accuracy_level``: MatMulNBits compute type, 0..4 (4: int8 activations, fastest on CPU).
     - ``algorithm``: ``rtn`` and the others listed by ``ort_wq.algorithms.list_algorithms()``.
-    - ``include`` / ``exclude``: regexes on node or weight name; ``op_types``: which ops to take.
+    - ``include`` / ``exclude``: regexes on node or weight name; ``op_types``: which consumers to
+      convert, from ``MatMul``, ``Gemm``, ``FusedMatMul`` (com.microsoft), ``Gather`` (embedding
+      tables, to com.microsoft GatherBlockQuantized; all four by default).
     - ``overrides``: :class:`NodeOverride` list, the last match wins (mixed precision).
     - ``min_k`` / ``min_n``: smaller weights are left alone.
     - ``threads``: worker threads (default: all cores).
@@ -107,7 +111,7 @@ class WeightOnlyConfig:
     algorithm: str = "rtn"
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
-    op_types: tuple[str, ...] = ("MatMul", "Gemm")
+    op_types: tuple[str, ...] = OP_TYPES
     overrides: list[NodeOverride] = field(default_factory=list)
     min_k: int = 16
     min_n: int = 1
@@ -122,6 +126,12 @@ class WeightOnlyConfig:
         """Raise ``ValueError`` for settings no target supports (one line, naming the fix)."""
         if self.format not in FORMATS:
             raise ValueError(f"format={self.format!r} is not supported; use one of {FORMATS}")
+        if isinstance(self.op_types, str):
+            self.op_types = tuple(t.strip() for t in self.op_types.split(",") if t.strip())
+        unknown = [t for t in self.op_types if t not in OP_TYPES]
+        if unknown or not self.op_types:
+            raise ValueError(f"op_types {', '.join(map(repr, unknown)) or '(empty)'} not known; "
+                             f"use one or more of {', '.join(OP_TYPES)}")
         self._check_spec(self.bits, self.block_size, self.symmetric, "")
         if self.zero_points not in ("auto", "uint8", "float"):
             raise ValueError(f"zero_points={self.zero_points!r} is not valid; use 'auto', 'uint8' or 'float'")
@@ -179,7 +189,8 @@ class WeightOnlyConfig:
         return [o for o in self.overrides if any(n and re.search(o.pattern, n) for n in names)]
 
     def spec_for(self, names: list[str], k: int) -> QuantSpec:
-        """The resolved :class:`QuantSpec` for a node (overrides applied, per-channel resolved)."""
+        """The resolved :class:`QuantSpec` for a tensor whose own and consumers' names are ``names``
+        (overrides applied in order, the last match wins; per-channel resolved)."""
         bits, block, sym = self.bits, self.block_size, self.symmetric
         for o in self._overrides_for(names):
             bits = o.bits or bits

@@ -1,4 +1,9 @@
-"""``ort-wq inspect``: what in a model can be quantized, what already is, and why not."""
+"""``ort-wq inspect``: what in a model can be quantized, what already is, and why not.
+
+The verdicts come from the target finder (``transforms/targets.py``) with the same settings
+``ort-wq quantize`` would use, so a node called quantizable here is converted there. Sizes are
+the model's initializers by the ops that read them (what is on disk).
+"""
 
 from __future__ import annotations
 
@@ -8,69 +13,87 @@ import onnx_ir as ir
 
 from .config import WeightOnlyConfig
 from .model_io import load_model
+from .report import _by_size, _mb, initializer_bytes_by_reader
 
-_QUANT_OPS = {"MatMulNBits", "MatMulFpQ4"}
+_QUANT_OPS = {"MatMulNBits", "MatMulFpQ4", "GatherBlockQuantized"}
 
 
 def _attrs(node: ir.Node) -> dict:
     return {k: (a.value if not isinstance(a.value, (ir.Graph, list)) else "...") for k, a in node.attributes.items()}
 
 
-def inspect_rows(model: ir.Model, config: WeightOnlyConfig | None = None) -> list[dict]:
-    """One row per MatMul/Gemm/quantized node: graph, node, op, weight, K, N, status."""
-    from ort_wq.transforms._base import resolve_weight
-    from ort_wq.transforms._context import QuantContext
+def _quantized_status(node: ir.Node) -> dict:
+    a = _attrs(node)
+    w = node.inputs[0 if node.op_type == "GatherBlockQuantized" else 1]
+    row = dict(weight=w.name if w is not None else "")
+    if node.op_type == "MatMulNBits":
+        zp = len(node.inputs) > 3 and node.inputs[3] is not None
+        row.update(k=a.get("K"), n=a.get("N"), status=f"quantized: {a.get('bits', 4)}-bit block {a.get('block_size')}"
+                   f"{' asym' if zp else ' sym'}, accuracy_level {a.get('accuracy_level', 0)}")
+    elif node.op_type == "GatherBlockQuantized":
+        zp = len(node.inputs) > 3 and node.inputs[3] is not None
+        row.update(status=f"quantized: {a.get('bits', 4)}-bit block {a.get('block_size')}{' asym' if zp else ' sym'}")
+    else:
+        row.update(status=f"quantized: 4-bit block 32, blk_quant_type {a.get('blk_quant_type', 1)}")
+    return row
 
-    ctx = QuantContext(config or WeightOnlyConfig(min_k=1))
+
+def inspect_rows(model: ir.Model, config: WeightOnlyConfig | None = None) -> list[dict]:
+    """One row per candidate or quantized node: graph, node, op, weight, K, N, status."""
+    from ort_wq.transforms.targets import find_targets, kind_of
+
+    found = find_targets(model, config or WeightOnlyConfig())
+    skipped = {id(s): s for s in found.skipped}
+    reasons = {s.node: s.reason for s in found.skipped}
     rows = []
     for graph in (model.graph, *model.graph.subgraphs()):
         where = graph.name or ("main" if graph is model.graph else "subgraph")
         for node in graph:
             row = dict(graph=where, node=node.name or "<unnamed>", op=node.op_type, weight="", k="", n="", status="")
             if node.domain == "com.microsoft" and node.op_type in _QUANT_OPS:
-                a = _attrs(node)
-                row.update(weight=node.inputs[1].name if node.inputs[1] is not None else "")
-                if node.op_type == "MatMulNBits":
-                    row.update(k=a.get("K"), n=a.get("N"),
-                               status=f"quantized: {a.get('bits', 4)}-bit block {a.get('block_size')}"
-                               f"{' asym' if len(node.inputs) > 3 and node.inputs[3] is not None else ' sym'}"
-                               f", accuracy_level {a.get('accuracy_level', 0)}")
-                else:
-                    row.update(status=f"quantized: 4-bit block 32, blk_quant_type {a.get('blk_quant_type', 1)}")
-            elif node.domain in ("", "ai.onnx") and node.op_type in ("MatMul", "Gemm"):
-                w = node.inputs[1] if len(node.inputs) > 1 else None
-                producer = w.producer() if w is not None else None
+                row.update(_quantized_status(node))
+                rows.append(row)
+                continue
+            if kind_of(node) is None:
+                continue
+            consumer, target, reason = found.lookup(node)
+            if consumer is not None:
+                spec = target.spec
+                shared = f", shared by {len(target.consumers)} nodes" if len(target.consumers) > 1 else ""
+                row.update(weight=consumer.ref.value.name, k=consumer.ref.k, n=consumer.ref.n,
+                           status=f"quantizable ({consumer.ref.dtype.name.lower()}): {spec.bits}-bit block "
+                           f"{spec.block_size}{' sym' if spec.symmetric else ' asym'}{shared}")
+            elif any(s.node == (node.name or "") for s in found.skipped) or reason != "not a weight consumer":
+                w = [s.weight for s in found.skipped if s.node == (node.name or "")]
+                producer = node.inputs[1].producer() if len(node.inputs) > 1 and node.inputs[1] is not None else None
                 if producer is not None and producer.op_type == "DequantizeLinear":
-                    bs = _attrs(producer).get("block_size", 0)
-                    row.update(weight=producer.inputs[0].name, status=f"quantized: QDQ block {bs}")
+                    row.update(weight=producer.inputs[0].name, status="quantized: QDQ block "
+                               f"{_attrs(producer).get('block_size', 0)}")
                 else:
-                    trans = node.op_type == "Gemm" and "transB" in node.attributes and node.attributes["transB"].as_int()
-                    ref, reason = resolve_weight(node, w, bool(trans), ctx)
-                    if ref is not None:
-                        row.update(weight=ref.value.name, k=ref.k, n=ref.n,
-                                   status=f"quantizable ({ref.dtype.name.lower()})")
-                    else:
-                        row.update(weight=w.name if w is not None else "", status=f"not quantizable: {reason}")
+                    row.update(weight=w[0] if w else "", status=f"not quantizable: {reasons.get(node.name or '', reason)}")
             else:
                 continue
             rows.append(row)
+    del skipped
     return rows
 
 
-def inspect_model(path: str | os.PathLike) -> str:
+def inspect_model(path: str | os.PathLike, config: WeightOnlyConfig | None = None) -> str:
     """A text table for ``ort-wq inspect``."""
     model = load_model(path)
-    rows = inspect_rows(model)
+    rows = inspect_rows(model, config)
     if not rows:
-        return "no MatMul, Gemm or quantized nodes found"
+        return "no MatMul, Gemm, Gather or quantized nodes found"
     cols = ["graph", "node", "op", "weight", "k", "n", "status"]
     widths = {c: min(48, max(len(c), *(len(str(r[c])) for r in rows))) for c in cols[:-1]}
     lines = ["  ".join(c.upper().ljust(widths[c]) for c in cols[:-1]) + "  STATUS"]
     for r in rows:
         lines.append("  ".join(str(r[c])[:48].ljust(widths[c]) for c in cols[:-1]) + "  " + str(r["status"]))
-    counts = {}
+    counts: dict[str, int] = {}
     for r in rows:
         key = r["status"].split(":")[0].split(" (")[0]
         counts[key] = counts.get(key, 0) + 1
     lines.append(", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    sizes = initializer_bytes_by_reader(model)
+    lines.append("initializers by reader: " + ", ".join(f"{k} {_mb(v)}" for k, v in _by_size(sizes)))
     return "\n".join(lines)

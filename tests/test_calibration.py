@@ -18,6 +18,7 @@ from .helpers import run_model
 from .models import matmul_model
 
 VOCAB = 300
+MATMULS = ("MatMul", "Gemm")  # algorithm comparisons: the tied embedding table is tested on its own
 
 
 def _lm(outliers: int):
@@ -60,7 +61,7 @@ def test_every_algorithm_beats_rtn_and_runs(lm, sym):
     model, calib, feeds = lm
     errors = {}
     for alg in ("rtn", "rtn-clip", "hqq", "gptq", "awq"):
-        cfg = WeightOnlyConfig(bits=4, block_size=32, symmetric=sym, algorithm=alg, accuracy_level=0)
+        cfg = WeightOnlyConfig(bits=4, block_size=32, symmetric=sym, algorithm=alg, accuracy_level=0, op_types=MATMULS)
         q, report = quantize(model, cfg, calibration=calib, return_report=True)
         assert {c.algorithm for c in report.converted} == {alg}
         assert sum(n.op_type == "MatMulNBits" for n in q.graph.node) == len(report.converted) == 13
@@ -74,14 +75,30 @@ def test_activation_aware_beat_rtn_with_outlier_channels(lm_outliers):
     model, calib, feeds = lm_outliers
     errors = {}
     for alg in ("rtn", "gptq", "awq"):
-        cfg = WeightOnlyConfig(bits=4, block_size=128, symmetric=True, algorithm=alg, accuracy_level=0)
+        cfg = WeightOnlyConfig(bits=4, block_size=128, symmetric=True, algorithm=alg, accuracy_level=0, op_types=MATMULS)
         errors[alg] = _rel_error(model, quantize(model, cfg, calibration=calib), feeds)
     assert errors["gptq"] < 0.85 * errors["rtn"] and errors["awq"] < 0.85 * errors["rtn"], errors
 
 
+@pytest.mark.parametrize("alg", ["gptq", "awq"])
+def test_tied_table_read_by_a_gather_is_quantized_without_calibration(lm_outliers, alg):
+    """The head's Hessian would move error into the embedding rows the Gather reads as they are."""
+    model, calib, feeds = lm_outliers
+    cfg = WeightOnlyConfig(bits=4, block_size=128, symmetric=True, algorithm=alg, accuracy_level=0)
+    q, report = quantize(model, cfg, calibration=calib, return_report=True)
+    tied = [t for t in report.tensors if any(c.startswith("Gather ") for c in t.consumers)]
+    assert len(tied) == 1 and len(tied[0].consumers) == 2
+    assert any(f"{alg} replaced by rtn" in n for n in tied[0].notes)
+    others = {c.algorithm for c in report.converted if c.weight != tied[0].name}
+    assert others == {alg}
+    # still better than rtn everywhere
+    rtn = quantize(model, cfg.with_(algorithm="rtn"))
+    assert _rel_error(model, q, feeds) < _rel_error(model, rtn, feeds)
+
+
 def test_hqq_float_zero_points_for_4bit_asym(lm):
     model, _, feeds = lm
-    q = quantize(model, WeightOnlyConfig(algorithm="hqq", symmetric=False, accuracy_level=0))
+    q = quantize(model, WeightOnlyConfig(algorithm="hqq", symmetric=False, accuracy_level=0, op_types=MATMULS))
     nodes = [n for n in q.graph.node if n.op_type == "MatMulNBits"]
     inits = {i.name: i for i in q.graph.initializer}
     assert all(inits[n.input[3]].data_type == onnx.TensorProto.FLOAT for n in nodes)

@@ -29,7 +29,8 @@ def test_minilm_default_quality(tmp_path):
     ref = M.embed(M.MINILM, feeds)
     out = tmp_path / "q.onnx"
     _, report = quantize(str(M.MINILM), WeightOnlyConfig(), output=out, return_report=True)
-    assert len(report.converted) == 36
+    assert sum(c.new_op == "MatMulNBits" for c in report.converted) == 36
+    assert sum(c.new_op == "GatherBlockQuantized" for c in report.converted) == 3  # word, position, type
     assert len(list(tmp_path.glob("q.onnx.*.data"))) == 1  # the input had external data
     cos, nn = M.quality(ref, M.embed(out, feeds))
     assert cos >= MINILM_MIN_COSINE, cos

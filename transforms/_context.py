@@ -1,8 +1,9 @@
 """State shared by the rules of one quantization run.
 
-The rules find weights; this context quantizes each distinct weight once (on a thread pool, so
-weights are quantized in parallel while the graph is being rewritten), hands out the quantized
-initializers (shared by every consumer of the same weight) and records the report.
+The target finder (``targets.py``) decides which tensors are quantized; this context quantizes
+each one once (on a thread pool, so tensors are quantized in parallel while the graph is being
+rewritten), packs it into every storage its consumers read (one set of bytes for a tied
+embedding and head), hands out the initializers and records the report.
 """
 
 from __future__ import annotations
@@ -20,41 +21,44 @@ import onnx_ir as ir
 from ort_wq.algorithms import LayerStats, QuantizedWeight, QuantSpec, get_algorithm
 from ort_wq.algorithms.base import uses_float_zero_points
 from ort_wq.config import WeightOnlyConfig
-from ort_wq.model_io import release
+from ort_wq.model_io import ModelInputError, first_line, release
 from ort_wq.report import ConvertedNode, QuantReport
 
 from . import _emitters
 from ._weights import WeightRef
+from .targets import Target, TargetSet, find_targets
 
 
 @dataclass
 class QuantEntry:
-    """One quantized weight: its job and the initializer values that hold its bytes."""
+    """One quantized tensor: its job and, per storage, the initializer values that hold its bytes."""
 
-    ref: WeightRef
+    target: Target
     spec: QuantSpec
-    emitter: Any
     algorithm: str
     future: Future
-    values: dict[str, ir.Value] = field(default_factory=dict)
+    values: dict[str, dict[str, ir.Value]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    users: int = 0
+
+    @property
+    def ref(self) -> WeightRef:
+        return self.target.ref
 
 
 class QuantContext:
-    """Quantizes weights for the rules; one per model run (see ``setup``)."""
+    """Quantizes target tensors for the rules; one per model run (see ``setup``)."""
 
     def __init__(self, config: WeightOnlyConfig, stats: dict[str, LayerStats] | None = None, sink: Any = None) -> None:
         self.config = config
         self.sink = sink  # an ExternalDataSink: finished tensors go to disk instead of memory
         self.stats = stats or {}
         self.report = QuantReport()
-        self._entries: dict[tuple, QuantEntry] = {}
+        self._entries: dict[int, QuantEntry] = {}
         self._names: set[str] = set()
         self._executor: ThreadPoolExecutor | None = None
-        self.emitter = _emitters.get(config.format)
         self.node_notes: dict[str, list[str]] = {}
         self._model_id: int | None = None
+        self.targets = TargetSet()
 
     # -- set-up -------------------------------------------------------------------------------
     def ensure_setup(self, model: ir.Model) -> None:
@@ -62,7 +66,7 @@ class QuantContext:
             self.setup(model)
 
     def setup(self, model: ir.Model) -> None:
-        """Learn every name in the model so new initializers never collide."""
+        """Find the targets and learn every name in the model so new initializers never collide."""
         self._model_id = id(model)
         self._names = set()
         for graph in (model.graph, *model.graph.subgraphs()):
@@ -72,6 +76,11 @@ class QuantContext:
                 self._names.update(v.name for v in node.outputs if v.name)
                 if node.name:
                     self._names.add(node.name)
+        self.targets = find_targets(model, self.config)
+
+    def emitter_for_matmul(self):
+        """The MatMul emitter of the configured format."""
+        return _emitters.get(self.config.format)
 
     def unique_name(self, base: str) -> str:
         name, i = base, 0
@@ -91,15 +100,14 @@ class QuantContext:
         return self._executor
 
     # -- quantization -------------------------------------------------------------------------
-    def entry_for(self, ref: WeightRef, spec: QuantSpec, activation: ir.Value | None) -> QuantEntry:
-        """The quantized form of ``ref`` under ``spec`` (created once, shared by all users)."""
-        fmt = self.config.format
-        key = (id(ref.value), ref.transpose, spec, fmt, self.config.algorithm)
-        entry = self._entries.get(key)
+    def entry_for(self, target: Target) -> QuantEntry:
+        """The quantized form of ``target`` (created once, read by all its consumers)."""
+        entry = self._entries.get(id(target))
         if entry is not None:
-            entry.users += 1
             return entry
-        algorithm, notes = self._algorithm_for(activation)
+        spec = target.spec
+        activation = next((c.activation for c in target.consumers if c.activation is not None), None)
+        algorithm, notes = self._algorithm_for(activation, target)
         fn, _ = get_algorithm(algorithm)
         if algorithm == self.config.algorithm and self.config.algorithm_options:
             fn = functools.partial(fn, **self.config.algorithm_options)
@@ -108,28 +116,38 @@ class QuantContext:
         if spec.float_zero_points and self.config.zero_points == "auto" and not uses_float_zero_points(algorithm):
             spec = replace(spec, float_zero_points=False)
         stats = self.stats.get(activation.name) if activation is not None and activation.name else None
-        emitter = _emitters.get(fmt)
+        ref = target.ref
         dtype = np.float16 if ref.dtype == ir.DataType.FLOAT16 else np.float32
-
-        layout = emitter.layout(ref.k, ref.n, spec, dtype)
+        packers = _emitters.storages(target, self.config.format)
+        layouts = {kind: storage.layout(ref.k, ref.n, spec, dtype, **opts) for kind, (storage, opts) in packers.items()}
         base = ref.value.name or "weight"
-        names = {key_name: self.unique_name(f"{base}{suffix}") for key_name, (suffix, _, _) in layout.items()}
+        names = {kind: {key: self.unique_name(f"{base}{suffix}") for key, (suffix, _, _) in layout.items()}
+                 for kind, layout in layouts.items()}
+        what = ref.value.name or "weight"
 
-        def job() -> dict[str, ir.TensorProtocol]:
+        def job() -> dict[str, dict[str, ir.TensorProtocol]]:
             w = ref.numpy()
-            result: QuantizedWeight = fn(w, spec, stats)
+            try:
+                result: QuantizedWeight = fn(w, spec, stats)
+            except ValueError as exc:
+                raise ModelInputError(f"weight {what!r} {ref.tensor.shape}: {first_line(exc)}") from None
             del w
-            release(ref.tensor)  # the fp32 weight leaves memory once it is quantized
-            arrays = emitter.pack(result, ref.k, ref.n, spec, dtype)
-            del result
-            return {key_name: self._store(names[key_name], arr) for key_name, arr in arrays.items()}
+            release(ref.tensor)  # the float weight leaves memory once it is quantized
+            out = {}
+            for kind, (storage, opts) in packers.items():
+                arrays = storage.pack(result, ref.k, ref.n, spec, dtype, **opts)
+                out[kind] = {key: self._store(names[kind][key], arr) for key, arr in arrays.items()}
+            return out
 
         future = self.executor.submit(job)
-        entry = QuantEntry(ref, spec, emitter, algorithm, future, notes=notes, users=1)
+        entry = QuantEntry(target, spec, algorithm, future, notes=[*target.notes, *notes])
         graph = _owner_graph(ref.value)
-        for key_name, (_, ir_dtype, shape) in layout.items():
-            entry.values[key_name] = _lazy_initializer(graph, names[key_name], future, key_name, ir_dtype, shape)
-        self._entries[key] = entry
+        for kind, layout in layouts.items():
+            entry.values[kind] = {
+                key: _lazy_initializer(graph, names[kind][key], future, kind, key, ir_dtype, shape)
+                for key, (_, ir_dtype, shape) in layout.items()
+            }
+        self._entries[id(target)] = entry
         return entry
 
     def _store(self, name: str, array: np.ndarray) -> ir.TensorProtocol:
@@ -138,25 +156,31 @@ class QuantContext:
             return self.sink.put(name, array)
         return ir.Tensor(array, name=name)
 
-    def _algorithm_for(self, activation: ir.Value | None) -> tuple[str, list[str]]:
+    def _algorithm_for(self, activation: ir.Value | None, target: Target) -> tuple[str, list[str]]:
         name = self.config.algorithm
         _, needs = get_algorithm(name)
+        if needs and target.gathered:
+            # a data-aware solution fits the head's outputs by moving error into the table's rows,
+            # which a Gather reads as they are (measured: worse logits than rtn on a tied LM)
+            return "rtn", [f"read by a Gather: the rows themselves must be accurate, {name} replaced by rtn"]
         if needs and (activation is None or activation.name not in self.stats):
             return "rtn", [f"no calibration statistics for this input: {name} replaced by rtn"]
         return name, []
 
     def record(self, node: ir.Node, new_op: str, entry: QuantEntry) -> None:
         ref, spec = entry.ref, entry.spec
-        before = ref.tensor.nbytes
-        after = sum(_nbytes(v) for v in entry.values.values())
         self.report.converted.append(
             ConvertedNode(
                 node=node.name or "", op_type=node.op_type, new_op=new_op, weight=ref.value.name or "",
                 k=ref.k, n=ref.n, bits=spec.bits, block_size=spec.block_size, symmetric=spec.symmetric,
-                algorithm=entry.algorithm, bytes_before=before, bytes_after=after, shared=entry.users > 1,
+                algorithm=entry.algorithm, shared=len(entry.target.consumers) > 1,
                 notes=[*entry.notes, *self.node_notes.get(node.name or "", [])],
             )
         )
+
+    def entries(self) -> list[QuantEntry]:
+        """Every tensor quantized so far (in the order they were first needed)."""
+        return list(self._entries.values())
 
     def materialize(self, progress: bool = False) -> None:
         """Wait for every quantization job and store its bytes in the initializers."""
@@ -175,8 +199,9 @@ class QuantContext:
                     tensors = fut.result()
                 except Exception as exc:
                     raise RuntimeError(f"quantizing weight {entry.ref.value.name!r} failed: {exc}") from exc
-                for key_name, value in entry.values.items():
-                    value.const_value = tensors[key_name]
+                for kind, values in entry.values.items():
+                    for key_name, value in values.items():
+                        value.const_value = tensors[kind][key_name]
                 del tensors, fut
                 if bar is not None:
                     done_bytes += entry.ref.tensor.nbytes
@@ -195,12 +220,6 @@ class QuantContext:
             self._executor = None
 
 
-def _nbytes(value: ir.Value) -> int:
-    shape = value.shape
-    count = int(np.prod([int(d) for d in shape])) if shape is not None else 0
-    return (count * value.dtype.bitwidth + 7) // 8 if value.dtype is not None else 0
-
-
 def _owner_graph(value: ir.Value) -> ir.Graph | None:
     if value.graph is not None:
         return value.graph
@@ -208,11 +227,12 @@ def _owner_graph(value: ir.Value) -> ir.Graph | None:
     return producer.graph if producer is not None else None
 
 
-def _lazy_initializer(graph: ir.Graph | None, name: str, future: Future, key: str, dtype: ir.DataType, shape) -> ir.Value:
+def _lazy_initializer(graph: ir.Graph | None, name: str, future: Future, kind: str, key: str,
+                      dtype: ir.DataType, shape) -> ir.Value:
     shape = ir.Shape(shape)
 
     def load() -> ir.TensorProtocol:
-        return future.result()[key]
+        return future.result()[kind][key]
 
     tensor = ir.LazyTensor(load, dtype=dtype, shape=shape, name=name)
     value = ir.Value(name=name, shape=shape, type=ir.TensorType(dtype), const_value=tensor)

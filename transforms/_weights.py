@@ -1,8 +1,4 @@
-"""Finding constant weights and the reasons a MatMul or Gemm cannot take a quantized weight.
-
-Shared by the rewrite rules (their ``check``) and by the final report, so a node that is not
-converted is always reported with the same reason the rules used.
-"""
+"""Constant weights and the reasons a tensor cannot be quantized (the target finder's building blocks)."""
 
 from __future__ import annotations
 
@@ -29,10 +25,11 @@ class WeightRef:
         return self.tensor.dtype
 
     def numpy(self) -> np.ndarray:
-        """``W[K, N]`` as a contiguous array (reads the data; memory-mapped for external tensors)."""
+        """``W[K, N]`` as an array view: no copy (memory-mapped for external tensors), transposed
+        weights are a transposed view (algorithms read them in their own layout)."""
         arr = np.asarray(self.tensor.numpy())
         arr = arr.reshape(arr.shape[-2:]) if arr.ndim > 2 else arr
-        return np.ascontiguousarray(arr.T if self.transpose else arr)
+        return arr.T if self.transpose else arr
 
 
 def const_tensor(value: ir.Value | None) -> tuple[ir.TensorProtocol | None, str]:
@@ -109,8 +106,3 @@ def bias_vector(value: ir.Value | None, n: int) -> ir.TensorProtocol | None:
     if dims == [n] or dims == [1, n]:
         return tensor
     return None
-
-
-def names_of(node: ir.Node, weight: ir.Value | None) -> list[str]:
-    """Names a config pattern is matched against: the node name and the weight name."""
-    return [node.name or "", weight.name if weight is not None and weight.name else ""]

@@ -25,9 +25,9 @@ import onnx_ir as ir
 from ort_wq.algorithms import LayerStats, get_algorithm
 from ort_wq.config import WeightOnlyConfig
 
-from ._base import resolve_weight
 from ._context import QuantContext
-from ._weights import WeightRef, const_tensor, gemm_reason, names_of
+from ._weights import WeightRef, const_tensor, gemm_reason
+from .targets import Target
 
 _NORMS = {("", "LayerNormalization"): (1, 2), ("", "RMSNormalization"): (1,),
           ("com.microsoft", "SimplifiedLayerNormalization"): (1,), ("", "SimplifiedLayerNormalization"): (1,)}
@@ -122,21 +122,21 @@ def _replace_const(node: ir.Node, idx: int, how: str, s: np.ndarray, inverse: bo
     node.replace_input_with(idx, value)
 
 
-def _targets(x: ir.Value, ctx: QuantContext) -> tuple[list[tuple[ir.Node, WeightRef]], str]:
+def _targets(x: ir.Value, ctx: QuantContext) -> tuple[list[tuple[ir.Node, WeightRef, Target]], str]:
+    """The quantized consumers of activation ``x`` (from the target finder), or why it cannot be scaled."""
     out = []
     for use in x.uses():
         node = use.node
-        if use.idx != 0 or _domain(node) != "" or node.op_type not in ("MatMul", "Gemm"):
-            return [], f"the activation also feeds {node.op_type} {node.name!r}"
-        if node.op_type == "Gemm" and gemm_reason(node):
-            return [], gemm_reason(node)
-        trans = node.op_type == "Gemm" and "transB" in node.attributes and node.attributes["transB"].as_int()
-        ref, reason = resolve_weight(node, node.inputs[1], bool(trans), ctx)
-        if ref is None:
-            return [], f"{node.name!r}: {reason}"
-        if ref.value is not node.inputs[1] or len(list(ref.value.uses())) != 1:
+        consumer, target, reason = ctx.targets.lookup(node)
+        if consumer is None:
+            return [], f"the activation also feeds {node.op_type} {node.name!r} ({reason})"
+        if consumer.activation is not x or use.idx != consumer.kind.activation_input:
+            return [], f"the activation is not the data input of {node.name!r}"
+        ref = consumer.ref
+        w_input = node.inputs[consumer.kind.weight_input]
+        if ref.value is not w_input or len(target.consumers) != 1 or len(list(ref.value.uses())) != 1:
             return [], f"weight of {node.name!r} is shared or transposed"
-        out.append((node, ref))
+        out.append((node, ref, target))
     return out, ""
 
 
@@ -161,14 +161,14 @@ def fold_awq_scales(model: ir.Model, config: WeightOnlyConfig, stats: dict[str, 
             for use in x.uses():
                 notes.setdefault(use.node.name or "", []).append(f"awq: input scaling not foldable ({why}): clip search only")
             continue
-        w_cat = np.concatenate([ref.numpy().astype(np.float32) for _, ref in targets], axis=1)
-        spec = config.spec_for(names_of(targets[0][0], targets[0][1].value), layer.k)
+        w_cat = np.concatenate([ref.numpy().astype(np.float32) for _, ref, _ in targets], axis=1)
+        spec = targets[0][2].spec
         options = {k: v for k, v in config.algorithm_options.items() if k != "clip"}
         result = awq(w_cat, replace(spec, float_zero_points=False), layer, **options, clip=False)
         s = np.asarray(result.input_scale, dtype=np.float64)
         for node, idx, how in plan:
             _replace_const(node, idx, how, s, inverse=True, ctx=ctx)
-        for node, ref in targets:
+        for node, ref, _ in targets:
             _replace_const(node, 1, "columns" if ref.transpose else "rows", s, inverse=False, ctx=ctx)
             producer = x.producer()
             notes.setdefault(node.name or "", []).append(

@@ -12,7 +12,7 @@ OP_TYPE = "MatMulFpQ4"
 SUPPORTS_BIAS = False
 
 
-def layout(k: int, n: int, spec: QuantSpec, dtype) -> dict[str, tuple[str, ir.DataType, list[int]]]:
+def layout(k: int, n: int, spec: QuantSpec, dtype, **_) -> dict[str, tuple[str, ir.DataType, list[int]]]:
     kb = -(-k // 32)
     rec = fpq4_record_size(0 if spec.symmetric else 1)
     return {
@@ -21,7 +21,7 @@ def layout(k: int, n: int, spec: QuantSpec, dtype) -> dict[str, tuple[str, ir.Da
     }
 
 
-def pack(result: QuantizedWeight, k: int, n: int, spec: QuantSpec, dtype) -> dict[str, np.ndarray]:
+def pack(result: QuantizedWeight, k: int, n: int, spec: QuantSpec, dtype, **_) -> dict[str, np.ndarray]:
     zp = None if spec.symmetric else result.zero_point_array().astype(np.uint8)
     return {
         "B": pack_fpq4_blob(result.q, np.asarray(result.scale, np.float32), zp),

@@ -1,4 +1,8 @@
-"""com.microsoft ``MatMulNBits``: packed blocks, scales, optional zero points and bias, one node."""
+"""com.microsoft ``MatMulNBits``: packed blocks, scales, optional zero points and bias, one node.
+
+Also the storage that ``GatherBlockQuantized`` reads (``emit_gather``): the same ``B``, scales and
+zero points serve a tied embedding and its head.
+"""
 
 from __future__ import annotations
 
@@ -16,10 +20,12 @@ def _float(dtype) -> ir.DataType:
     return ir.DataType.FLOAT16 if np.dtype(dtype) == np.float16 else ir.DataType.FLOAT
 
 
-def layout(k: int, n: int, spec: QuantSpec, dtype) -> dict[str, tuple[str, ir.DataType, list[int]]]:
+def layout(k: int, n: int, spec: QuantSpec, dtype, b_2d: bool = False) -> dict[str, tuple[str, ir.DataType, list[int]]]:
+    """``B`` is ``[N, kb, blob]`` (MatMulNBits), or ``[N, kb * blob]`` when only Gathers read it."""
     kb = -(-k // spec.block_size)
+    blob = spec.block_size * spec.bits // 8
     out = {
-        "B": (f"_Q{spec.bits}G{spec.block_size}", ir.DataType.UINT8, [n, kb, spec.block_size * spec.bits // 8]),
+        "B": (f"_Q{spec.bits}G{spec.block_size}", ir.DataType.UINT8, [n, kb * blob] if b_2d else [n, kb, blob]),
         "scales": ("_scales", _float(dtype), [n, kb]),
     }
     if not spec.symmetric:
@@ -30,9 +36,10 @@ def layout(k: int, n: int, spec: QuantSpec, dtype) -> dict[str, tuple[str, ir.Da
     return out
 
 
-def pack(result: QuantizedWeight, k: int, n: int, spec: QuantSpec, dtype) -> dict[str, np.ndarray]:
+def pack(result: QuantizedWeight, k: int, n: int, spec: QuantSpec, dtype, b_2d: bool = False) -> dict[str, np.ndarray]:
+    b = pack_nbits_weight(result.q, spec.bits)
     out = {
-        "B": pack_nbits_weight(result.q, spec.bits),
+        "B": b.reshape(n, -1) if b_2d else b,
         "scales": np.ascontiguousarray(result.scale, dtype=dtype),
     }
     if not spec.symmetric:

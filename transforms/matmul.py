@@ -1,20 +1,22 @@
 """``MatMul(X, W)`` with a constant weight -> a quantized MatMul.
 
-Matched: ``W`` an initializer or ``Constant`` output (main graph or subgraph), 2-D or with
-leading 1s, float32/float16, possibly behind ``Transpose(perm=[1, 0])`` (tied output heads).
-Left for ``matmul_add``: a MatMul whose only consumer adds a constant ``[N]`` bias, when the
-output format takes a bias (so MatMul+Add becomes one node whatever the visiting order).
+Matched: every MatMul the target finder (``targets.py``) takes: ``W`` an initializer or
+``Constant`` output (main graph or subgraph), 2-D or with leading 1s, float32/float16, possibly
+behind ``Transpose(perm=[1, 0])`` (tied output heads). Left for ``matmul_add``: a MatMul whose
+only consumer adds a constant ``[N]`` bias, when the output format takes a bias (so MatMul+Add
+becomes one node whatever the visiting order).
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
 
-from ._base import WeightOnlyRule, resolve_weight
+from ._base import WeightOnlyRule
 from ._weights import bias_vector
 
 
-def _bias_consumer(node: ir.Node, n: int) -> bool:
+def bias_consumer(node: ir.Node, n: int) -> bool:
+    """Whether the node's only consumer is ``Add`` with a constant ``[N]`` bias."""
     out = node.outputs[0]
     uses = list(out.uses())
     if len(uses) != 1 or out.is_graph_output():
@@ -30,13 +32,11 @@ class MatMulWeightOnly(WeightOnlyRule):
     def pattern(self, op, x, w):
         return op.MatMul(x, w)
 
-    def analyze(self, node, x, w, **_):
-        ref, reason = resolve_weight(node, w, False, self.ctx)
-        if ref is not None and self.ctx.emitter.SUPPORTS_BIAS and _bias_consumer(node, ref.n):
-            return None, "left to the MatMul+Add rule"
-        return ref, reason
+    def analyze(self, consumer, **_):
+        emitter = self.ctx.emitter_for_matmul()
+        if emitter.SUPPORTS_BIAS and bias_consumer(consumer.node, consumer.ref.n):
+            return "left to the MatMul+Add rule"
+        return ""
 
     def rewrite(self, op, x, w, **_):
-        entry, spec = self.quantized(x)
-        ref = entry.ref
-        return self.named(entry.emitter.emit(op, x, entry.values, spec, ref.k, ref.n, None, self.ctx.config.accuracy_level))
+        return self.emit_matmul(op, x)

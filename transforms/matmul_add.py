@@ -6,7 +6,7 @@ else, so removing it is safe.
 
 from __future__ import annotations
 
-from ._base import WeightOnlyRule, resolve_weight
+from ._base import WeightOnlyRule
 from ._weights import bias_vector
 
 
@@ -22,24 +22,18 @@ class MatMulAddWeightOnly(WeightOnlyRule):
                 return producer
         return root
 
-    def analyze(self, matmul, x, w, b, **_):
-        if not self.ctx.emitter.SUPPORTS_BIAS:
-            return None, f"format {self.ctx.config.format!r} has no bias input"
-        ref, reason = resolve_weight(matmul, w, False, self.ctx)
-        if ref is None:
-            return None, reason
-        mm_out = matmul.outputs[0]
+    def analyze(self, consumer, b, **_):
+        if not self.ctx.emitter_for_matmul().SUPPORTS_BIAS:
+            return f"format {self.ctx.config.format!r} has no bias input"
+        mm_out = consumer.node.outputs[0]
         if len(list(mm_out.uses())) != 1 or mm_out.is_graph_output():
-            return None, "MatMul output has other consumers"
-        if bias_vector(b, ref.n) is None:
-            return None, "Add operand is not a constant [N] bias"
-        return ref, ""
+            return "MatMul output has other consumers"
+        if bias_vector(b, consumer.ref.n) is None:
+            return "Add operand is not a constant [N] bias"
+        return ""
 
     def rewrite(self, op, x, w, b, **_):
-        entry, spec = self.quantized(x)
-        ref = entry.ref
-        bias = b
+        n = self._consumer.ref.n
         shape = [int(d) for d in b.shape] if b.shape is not None else None
-        if shape != [ref.n]:
-            bias = op.Reshape(b, op.Constant(value_ints=[ref.n]))
-        return self.named(entry.emitter.emit(op, x, entry.values, spec, ref.k, ref.n, bias, self.ctx.config.accuracy_level))
+        bias = b if shape == [n] else op.Reshape(b, op.Constant(value_ints=[n]))
+        return self.emit_matmul(op, x, bias)

@@ -1,5 +1,6 @@
 """The onnx_ir pass: run the weight-only rules on a model, finish the quantized initializers,
-clean up what the rewrite left unused, and report every MatMul/Gemm that was not converted.
+clean up what the rewrite left unused, and report every tensor quantized and every candidate
+node that was not converted.
 
 Usable in an ``ir.passes.PassManager`` (e.g. on ``torch.onnx.export(..., dynamo=True).model``).
 """
@@ -14,17 +15,17 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
 
 from ort_wq.algorithms import LayerStats
 from ort_wq.config import WeightOnlyConfig
-from ort_wq.report import QuantReport, SkippedNode
+from ort_wq.report import QuantizedTensor, QuantReport, SkippedNode, initializer_bytes, initializer_bytes_by_reader
 
-from ._base import resolve_weight
-from ._context import QuantContext
-from ._weights import gemm_reason
+from ._context import QuantContext, QuantEntry
 from .opset import ensure_opset
 from .rule_set import rules
 
+_CONTRIB_OPS = {"MatMulNBits", "MatMulFpQ4", "GatherBlockQuantized"}
+
 
 class WeightOnlyQuantPass(ir.passes.InPlacePass):
-    """Quantize the constant weights of MatMul/Gemm nodes in place.
+    """Quantize the constant weights of MatMul/Gemm/FusedMatMul/Gather nodes in place.
 
     After the pass, ``last_report`` holds a :class:`~ort_wq.report.QuantReport`.
     """
@@ -57,46 +58,55 @@ class WeightOnlyQuantPass(ir.passes.InPlacePass):
                 from .awq_fold import fold_awq_scales
 
                 ctx.node_notes.update(fold_awq_scales(model, self.config, self.stats, ctx))
+                ctx.setup(model)  # the folded weights are new initializers
+            targets = ctx.targets
             count = rules(self.config, context=ctx).apply_to_model(model)
+            entries = ctx.entries()
             ctx.materialize(progress=self.progress)
         finally:
             ctx.shutdown()
         if count:
-            if "com.microsoft" not in model.opset_imports and ctx.emitter.OP_TYPE.startswith("MatMul"):
+            if "com.microsoft" not in model.opset_imports and any(c.new_op in _CONTRIB_OPS for c in ctx.report.converted):
                 model.opset_imports["com.microsoft"] = 1
             RemoveUnusedNodesPass()(model)
             _remove_unused_subgraph_initializers(model)
             RemoveUnusedOpsetsPass()(model)
-        ctx.report.skipped.extend(skipped_nodes(model, ctx))
-        ctx.report.seconds = time.perf_counter() - start
-        self.last_report = ctx.report
+        report = ctx.report
+        report.skipped.extend(targets.skipped)
+        remaining = {id(n) for n in _nodes(model)}
+        for target in targets.targets:
+            for c in target.consumers:
+                if id(c.node) in remaining:
+                    report.skipped.append(SkippedNode(c.node.name or "", c.node.op_type, "not matched by the rules",
+                                                      c.ref.value.name or ""))
+        report.tensors.extend(_tensor_record(e, report) for e in entries)
+        report.bytes_by_reader = initializer_bytes_by_reader(model)
+        report.seconds = time.perf_counter() - start
+        self.last_report = report
         return ir.passes.PassResult(model, modified=count > 0)
 
 
-def skipped_nodes(model: ir.Model, ctx: QuantContext) -> list[SkippedNode]:
-    """Every MatMul/Gemm still in the model, with the reason it was not converted."""
-    out = []
+def _nodes(model: ir.Model):
     for graph in (model.graph, *model.graph.subgraphs()):
-        for node in graph:
-            if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
-                continue
-            if ctx.config.format == "qdq" and _fed_by_dequantize(node):
-                continue  # our own QDQ output (or an already quantized model)
-            reason = gemm_reason(node) if node.op_type == "Gemm" else ""
-            w = node.inputs[1] if len(node.inputs) > 1 else None
-            if not reason:
-                trans = node.op_type == "Gemm" and "transB" in node.attributes and node.attributes["transB"].as_int()
-                w = node.inputs[1] if len(node.inputs) > 1 else None
-                _, reason = resolve_weight(node, w, bool(trans), ctx)
-            weight = w.name if w is not None else ""
-            out.append(SkippedNode(node.name or "", node.op_type, reason or "not matched", weight or ""))
-    return out
+        yield from graph
 
 
-def _fed_by_dequantize(node: ir.Node) -> bool:
-    w = node.inputs[1] if len(node.inputs) > 1 else None
-    producer = w.producer() if w is not None else None
-    return producer is not None and producer.op_type == "DequantizeLinear"
+def _tensor_record(entry: QuantEntry, report: QuantReport) -> QuantizedTensor:
+    ref, spec, target = entry.ref, entry.spec, entry.target
+    after = sum(initializer_bytes(v) for values in entry.values.values() for v in values.values())
+    source = ref.value
+    kept = ""
+    if source.uses() or source.is_graph_output():
+        readers = sorted({f"{u.node.op_type} {u.node.name!r}" for u in source.uses()})
+        why = {s.node: s.reason for s in report.skipped}
+        reasons = sorted({why.get(u.node.name or "", "") for u in source.uses()} - {""})
+        kept = f"still read by {', '.join(readers) or 'a graph output'}" + (f" ({'; '.join(reasons)})" if reasons else "")
+        after += ref.tensor.nbytes
+    return QuantizedTensor(
+        name=source.name or "", shape=[int(d) for d in ref.tensor.shape], bits=spec.bits, block_size=spec.block_size,
+        symmetric=spec.symmetric, consumers=[f"{c.node.op_type} {c.node.name!r}" for c in target.consumers],
+        bytes_before=ref.tensor.nbytes, bytes_after=after, float_kept=kept, notes=list(entry.notes),
+    )
 
 
 def _remove_unused_subgraph_initializers(model: ir.Model) -> None:

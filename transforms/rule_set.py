@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from onnxscript.rewriter._rewrite_rule import RewriteRuleSet
+from onnxscript.rewriter import RewriteRuleSet
 
 from ort_wq.config import WeightOnlyConfig
 
 from ._context import QuantContext
+from .fused_matmul import FusedMatMulWeightOnly
+from .gather import GatherWeightOnly
 from .gemm import GemmWeightOnly
 from .matmul import MatMulWeightOnly
 from .matmul_add import MatMulAddWeightOnly
@@ -21,4 +23,7 @@ def rules(config: WeightOnlyConfig | None = None, *, context: QuantContext | Non
     """
     ctx = context or QuantContext(config or WeightOnlyConfig())
     add_rules = MatMulAddWeightOnly.rule(ctx).commute()
-    return RewriteRuleSet([*add_rules, MatMulWeightOnly.rule(ctx), GemmWeightOnly.rule(ctx)])
+    return RewriteRuleSet([
+        *add_rules, MatMulWeightOnly.rule(ctx), GemmWeightOnly.rule(ctx), FusedMatMulWeightOnly.rule(ctx),
+        GatherWeightOnly.rule(ctx),
+    ])

@@ -60,24 +60,10 @@ def iter_batches(calibration: Any) -> Iterator[dict[str, np.ndarray]]:
 
 
 def target_activations(model: ir.Model, config: WeightOnlyConfig) -> dict[str, int]:
-    """Activation value name -> K, for every main-graph MatMul/Gemm the transform would convert."""
-    from ort_wq.transforms._base import resolve_weight
-    from ort_wq.transforms._context import QuantContext
-    from ort_wq.transforms._weights import gemm_reason
+    """Activation value name -> K, for every main-graph consumer the transform would convert."""
+    from ort_wq.transforms.targets import find_targets
 
-    ctx = QuantContext(config)
-    out: dict[str, int] = {}
-    for node in model.graph:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
-            continue
-        if node.op_type == "Gemm" and gemm_reason(node):
-            continue
-        trans = node.op_type == "Gemm" and "transB" in node.attributes and node.attributes["transB"].as_int()
-        ref, _ = resolve_weight(node, node.inputs[1], bool(trans), ctx)
-        x = node.inputs[0]
-        if ref is not None and x is not None and x.name:
-            out[x.name] = ref.k
-    return out
+    return find_targets(model, config).activations()
 
 
 def collect_stats(

@@ -53,10 +53,40 @@ def _slab(w3: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray, np.n
     return q.astype(np.uint8), scale, None if spec.symmetric else zp.astype(np.uint8)
 
 
+def _rtn_rows(wt: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
+    """:func:`rtn_fast` for a weight stored transposed, ``wt = W.T`` ``[N, K]`` (a Gather table, a
+    ``transB`` Gemm weight): its blocks are contiguous along rows, so chunks of rows are viewed as
+    ``[kb, bs, rows]`` slabs; no transposed copy of the float weight is made."""
+    n, k = wt.shape
+    bs = spec.block_size
+    kb = -(-k // bs)
+    q = np.empty((n, kb, bs), dtype=np.uint8)
+    scale = np.empty((n, kb), dtype=np.float32)
+    zero_point = None if spec.symmetric else np.empty((n, kb), dtype=np.uint8)
+    step = max(1, _SLAB_VALUES // max(1, kb * bs))
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        rows = wt[r0:r1]
+        if kb * bs > k:  # the last block: zero padding, as pad_tensor does
+            padded = np.zeros((r1 - r0, kb * bs), dtype=np.float32)
+            padded[:, :k] = rows
+            rows = padded
+        qs, ss, zs = _slab(rows.reshape(r1 - r0, kb, bs).transpose(1, 2, 0), spec)
+        q[r0:r1] = qs.transpose(2, 0, 1)
+        scale[r0:r1] = ss.T
+        if zero_point is not None:
+            zero_point[r0:r1] = zs.T
+    if kb * bs > k:
+        q.reshape(n, -1)[:, k:] = 0
+    return QuantizedWeight(q, scale, zero_point, spec.bits, k)
+
+
 def rtn_fast(w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
     """Round to nearest on ``W[K, N]`` float32, bit-identical to :func:`rtn_reference`."""
     if w.dtype != np.float32:
         return rtn_reference(w, spec)
+    if not w.flags.c_contiguous and w.T.flags.c_contiguous:
+        return _rtn_rows(w.T, spec)
     k, n = w.shape
     bs = spec.block_size
     kb = -(-k // bs)
