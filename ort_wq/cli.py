@@ -264,10 +264,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _internal(args, exc)
         where = f" ({exc.filename})" if exc.filename and str(exc.filename) not in str(exc.strerror) else ""
         return error(f"error: {exc.strerror or _line(exc)}{where}; nothing was written", EXIT_USAGE)
-    except Terminated:
-        return error("terminated; nothing was written", 143)
-    except KeyboardInterrupt:
-        return error("interrupted; nothing was written", 130)
+    except KeyboardInterrupt as exc:
+        what = "the output was written" if getattr(exc, "output_written", False) else "nothing was written"
+        return error(f"{'terminated' if isinstance(exc, Terminated) else 'interrupted'}; {what}",
+                     143 if isinstance(exc, Terminated) else 130)
     except MemoryError:
         return error("error: out of memory; nothing was written", EXIT_FAILED)
     except Exception as exc:  # noqa: BLE001

@@ -317,14 +317,20 @@ def _signals_held():
     old: dict[int, Any] = {}
     for s in sigs:
         old[s] = signal.signal(s, lambda num, frame: pending.append(num))
+    completed = False
     try:
         yield
+        completed = True
     finally:
         for s in sigs:
             signal.signal(s, old[s])
         for s in pending[:1]:
             handler = old[s]
-            if callable(handler):
-                handler(s, None)
-            elif handler == signal.SIG_DFL:
-                signal.raise_signal(s)
+            try:
+                if callable(handler):
+                    handler(s, None)
+                elif handler == signal.SIG_DFL:
+                    signal.raise_signal(s)
+            except KeyboardInterrupt as exc:  # the files are in place: say so to whoever reports it
+                exc.output_written = completed  # type: ignore[attr-defined]
+                raise

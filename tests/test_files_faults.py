@@ -29,14 +29,14 @@ from ort_wq import WeightOnlyConfig, quantize
 from ort_wq.model_io import ModelInputError
 
 TRIALS = int(os.environ.get("ORT_WQ_FAULT_TRIALS", "4"))
-K, N, LAYERS = 512, 512, 6
+K, N, LAYERS = 768, 768, 10
 
 # the child: quantize argv[1] -> argv[2] with argv[3] bits; SIGKILL itself right after the
-# argv[4]-th os.replace (0: never)
+# argv[4]-th os.replace (0: never). It prints "ready" once imported, so kills land in the job.
 _CHILD = textwrap.dedent("""
     import os, signal, sys
     from ort_wq import WeightOnlyConfig, quantize
-    from ort_wq import output_files
+    from ort_wq import output_files, transforms  # imported before "ready": the kills land in the work
     src, out, bits, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     real, calls = os.replace, [0]
     def replace(a, b):
@@ -45,7 +45,9 @@ _CHILD = textwrap.dedent("""
         if calls[0] == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
     output_files.os.replace = replace
+    print("ready", flush=True)
     quantize(src, WeightOnlyConfig(bits=bits, block_size=32, accuracy_level=0), output=out)
+    print("done", flush=True)
 """)
 
 
@@ -115,18 +117,26 @@ def test_kill_at_each_step_of_the_replacement(source, tmp_path):
     assert len(_data_files(tmp_path, "out.onnx")) == 1 and _leftovers(tmp_path, "out.onnx") == []
 
 
+def _ready(proc) -> float:
+    """Wait until the child finished importing; returns the time."""
+    assert proc.stdout.readline().strip() == b"ready"
+    return time.monotonic()
+
+
 def test_kill_at_random_moments(source, tmp_path):
     src, x, expected = source
     out = tmp_path / "out.onnx"
-    start = time.monotonic()
-    assert _child(src, out, 8).wait() == 0
-    duration = time.monotonic() - start
+    proc = _child(src, out, 8)
+    start = _ready(proc)
+    assert proc.stdout.readline().strip() == b"done" and proc.wait() == 0
+    duration = time.monotonic() - start  # of the job alone, without the interpreter's exit
     rng = random.Random(int(os.environ.get("ORT_WQ_FAULT_SEED", "0")))
     have = 8
     for _ in range(TRIALS):
         bits = 12 - have  # alternate 4 and 8 so a replacement is always visible
         proc = _child(src, out, bits)
-        time.sleep(rng.uniform(0.0, duration * 1.1))
+        _ready(proc)
+        time.sleep(rng.uniform(0.0, duration * 1.05))
         proc.kill()
         rc = proc.wait()
         got = _which(out, x, expected)
