@@ -54,7 +54,7 @@ def _add_quantize(sub) -> None:
         help="quantize the constant MatMul/Gemm weights of a model",
         description="Replace every MatMul/Gemm whose weight is a constant with a weight-only quantized node "
         "(com.microsoft MatMulNBits by default). The input is never modified; OUTPUT appears only if the whole "
-        "job succeeds (external data is written as OUTPUT.data when the input had it or the result is over 2 GB).",
+        "job succeeds (external data is written as OUTPUT.<id>.data when the input had it or the result is over 2 GB).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("input", metavar="INPUT", help="ONNX model to quantize")

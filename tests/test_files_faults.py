@@ -223,3 +223,22 @@ def test_failed_graph_rename_keeps_the_old_output(source, tmp_path, monkeypatch)
         quantize(str(src), WeightOnlyConfig(bits=4, block_size=32, accuracy_level=0), output=out)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     assert _which(out, x, expected) == 8
+
+
+def test_ctrl_c_during_the_renames_is_held_until_they_are_done(source, tmp_path, monkeypatch):
+    src, x, expected = source
+    out = tmp_path / "out.onnx"
+    from ort_wq import output_files
+
+    real = os.replace
+
+    def replace(a, b):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives between the two renames
+        real(a, b)
+
+    monkeypatch.setattr(output_files.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt) as info:
+        quantize(str(src), WeightOnlyConfig(bits=4, block_size=32, accuracy_level=0), output=out)
+    assert info.value.output_written is True
+    assert _which(out, x, expected) == 4 and len(_data_files(tmp_path, "out.onnx")) == 1
+    assert _leftovers(tmp_path, "out.onnx") == []
