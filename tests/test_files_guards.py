@@ -54,3 +54,16 @@ def test_demo_prints_a_high_cosine(capsys):
     assert main(["demo", "--layers", "1", "--hidden", "128"]) == 0
     match = re.search(r"cosine (-?[0-9.]+)", capsys.readouterr().out)
     assert match and float(match.group(1)) > 0.95, match
+
+
+def test_import_does_not_load_the_reference_ops():
+    """onnxruntime-extensions (slow: it imports transformers/torch where installed) loads only when used."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ort_wq; from ort_wq.cli import build_parser; build_parser()\n"
+            "assert 'onnxruntime_extensions' not in sys.modules\n"
+            "so = ort_wq.ops.session_options(contrib=False)\n"
+            "assert 'onnxruntime_extensions' in sys.modules\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
