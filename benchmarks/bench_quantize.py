@@ -1,8 +1,9 @@
 """Quantize speed and memory: ``ort-wq quantize`` against onnxruntime's ``MatMulNBitsQuantizer``.
 
-For each model (generated LLM-shaped models of the given sizes, cached with external data; and
-the shared MiniLM) and each block size, both tools run round-to-nearest 4-bit symmetric with
-``accuracy_level=4``, each in its own process, alternating (ours first on even repeats, theirs
+For each model (generated LLM-shaped models of the given sizes, cached with external data; the
+shared MiniLM; and the full SmolLM2-135M from ``../shared/llm/build_smollm2.sh``, a real LLM with a
+tied embedding/head, run with ort-wq's default asymmetric setting) and each block size, both tools
+run round-to-nearest 4-bit (symmetric on the generated models) with ``accuracy_level=4``, each in its own process, alternating (ours first on even repeats, theirs
 first on odd ones), ``--repeats`` times. Reported per tool: median wall time of the whole process
 (interpreter start, load, quantize, save), fp32 MatMul weights per second, peak RSS of the
 process as the kernel reports it (``ru_maxrss`` from ``wait4``), output size, MatMulNBits nodes;
@@ -38,6 +39,8 @@ import _report as R
 TARGET_WALL = 0.8  # ours / onnxruntime, wall time, on the 2.5 GB model
 TARGET_RSS = 0.5  # ours / onnxruntime, peak RSS, on the 2.5 GB model
 TARGET_RSS_ABS = 1.5  # ours < 1.5 x (quantized output + largest fp32 weight)
+TARGET_LLM = 0.5  # ours / onnxruntime, wall time and peak RSS, on the full SmolLM2 with the defaults
+DEFAULT_LLM = Path(os.environ.get("ORT_WQ_DEV_CACHE", Path.home() / ".cache" / "ort-wq-dev")) / "smollm2-135m"
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Model:
     weight_bytes: int
     largest: int  # bytes of the largest single fp32 initializer
     generated: bool
+    symmetric: bool = True  # the real LLM runs the defaults (asymmetric), both tools alike
 
 
 @dataclass
@@ -93,13 +97,13 @@ def count_nbits(path: Path) -> int:
     import onnx
 
     m = onnx.load(str(path), load_external_data=False)
-    return sum(n.op_type == "MatMulNBits" for n in m.graph.node)
+    return sum(n.op_type in ("MatMulNBits", "GatherBlockQuantized") for n in m.graph.node)
 
 
-def tool_commands(block: int, src: Path, out: Path) -> dict[str, list[str]]:
+def tool_commands(block: int, src: Path, out: Path, symmetric: bool = True) -> dict[str, list[str]]:
     exe = Path(sys.executable).parent / "ort-wq"
     ours = [str(exe)] if exe.exists() else [sys.executable, "-m", "ort_wq"]
-    common = ["--bits", "4", "--block-size", str(block), "--sym", "--accuracy-level", "4"]
+    common = ["--bits", "4", "--block-size", str(block), "--sym" if symmetric else "--asym", "--accuracy-level", "4"]
     return {
         "ort-wq": [*ours, "quantize", str(src), str(out / "ours.onnx"), *common, "--quiet"],
         "onnxruntime": [sys.executable, str(HERE / "_ort_quantize.py"), str(src), str(out / "ort.onnx"), *common],
@@ -122,7 +126,7 @@ def measure(model: Model, block: int, repeats: int, log) -> dict[str, Cell]:
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir(parents=True)
             os.sync()
-            run = R.run_child(tool_commands(block, model.path, out)[tool])
+            run = R.run_child(tool_commands(block, model.path, out, model.symmetric)[tool])
             cell.runs.append(run)
             if not run.ok:
                 tail = [ln for ln in run.stderr.strip().splitlines() if ln.strip()][-1:] or [f"exit {run.returncode}"]
@@ -152,6 +156,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mlp", type=int, default=8192)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--no-minilm", action="store_true", help="skip the shared MiniLM model")
+    ap.add_argument("--llm", type=Path, default=DEFAULT_LLM,
+                    help="genai fp32 folder of the full SmolLM2 (../shared/llm/build_smollm2.sh); skipped if absent")
     ap.add_argument("--quick", action="store_true", help="smoke run: one 0.1 GB model (hidden 1024), block 32, one repeat")
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite benchmarks/README.md")
     args = ap.parse_args(argv)
@@ -185,6 +191,15 @@ def main(argv=None) -> int:
         else:
             log(f"MiniLM not found at {_minilm.MINILM}: skipped")
 
+    llm = None
+    if args.llm and (args.llm / "model.onnx").exists() and not args.quick:
+        values, nbytes, largest = matmul_weight_stats(args.llm / "model.onnx")
+        llm = Model(f"SmolLM2-135M ({nbytes / 1e6:.0f} MB, tied table), 4-bit asym", args.llm / "model.onnx",
+                    values, nbytes, largest, False, symmetric=False)
+        models.append(llm)
+    elif not args.quick:
+        log(f"SmolLM2 not found at {args.llm}: skipped (build it with ../shared/llm/build_smollm2.sh)")
+
     results: dict[tuple[str, int], dict[str, Cell]] = {}
     for model in models:
         log(f"{model.label}: {model.path}")
@@ -193,7 +208,7 @@ def main(argv=None) -> int:
             results[(model.label, block)] = measure(model, block, args.repeats, log)
 
     headers = ["model", "block", "tool", "wall s: median (min-max)", "M weights/s", "peak RSS MiB", "output MB",
-               "MatMulNBits", "wall ours/ort", "RSS ours/ort"]
+               "quantized nodes", "wall ours/ort", "RSS ours/ort"]
     rows = []
     for model in models:
         for block in blocks:
@@ -229,6 +244,13 @@ def main(argv=None) -> int:
             checks.append(((f"block {block}: peak RSS ours < {TARGET_RSS_ABS} x (output {ours.out_bytes / 2**20:.0f} MiB "
                            f"+ largest fp32 weight {big.largest / 2**20:.0f} MiB) = {bound / 2**20:.0f} MiB{note}"),
                            ours.rss < bound, f"{ours.rss / 2**20:.0f} MiB"))
+    if llm is not None and 32 in blocks:
+        ours, theirs = results[(llm.label, 32)]["ort-wq"], results[(llm.label, 32)]["onnxruntime"]
+        rw, rr = ours.wall / theirs.wall, ours.rss / theirs.rss
+        checks.append((f"SmolLM2, defaults (4-bit asym block 32): wall time ours/onnxruntime <= {TARGET_LLM}",
+                       rw <= TARGET_LLM, f"{rw:.2f}x ({ours.wall:.1f} s vs {theirs.wall:.1f} s)"))
+        checks.append((f"SmolLM2, defaults: peak RSS ours/onnxruntime <= {TARGET_LLM}",
+                       rr <= TARGET_LLM, f"{rr:.2f}x ({ours.rss / 2**20:.0f} vs {theirs.rss / 2**20:.0f} MiB)"))
     check_lines = [f"- {'PASS' if ok else 'FAIL'}: {what}: {value}" for what, ok, value in checks]
 
     body = "\n".join([
@@ -237,7 +259,8 @@ def main(argv=None) -> int:
         (f"`{R.command_line()}` — {time.strftime('%Y-%m-%d')}, {info}; "
         f"{args.repeats} runs per tool, alternating, median; total {(time.time() - started) / 60:.1f} min."),
         "",
-        ("RTN 4-bit symmetric, accuracy_level 4, MatMulNBits; each run is a fresh process "
+        ("RTN 4-bit (symmetric; SmolLM2: asymmetric, ort-wq's default), accuracy_level 4, MatMulNBits "
+        "(ort-wq also converts embedding Gathers; a tied table is stored once); each run is a fresh process "
         "(`ort-wq quantize ... --quiet` / `benchmarks/_ort_quantize.py`: onnx.load + MatMulNBitsQuantizer "
         "DEFAULT + save with external data), wall time = whole process, peak RSS = the process's ru_maxrss. "
         "Inputs are in the page cache (read once before timing)."),

@@ -1,4 +1,4 @@
-"""Reference implementations of com.microsoft ``MatMulNBits`` and ``MatMulFpQ4`` (``ort_wq.ops``).
+"""Reference implementations of com.microsoft ``MatMulNBits``, ``MatMulFpQ4`` and ``GatherBlockQuantized`` (``ort_wq.ops``).
 
 Vectorised numpy, registered with onnxruntime as onnxruntime-extensions Python custom ops, so a
 quantized graph runs (and can be checked) on any onnxruntime build:
@@ -23,6 +23,7 @@ import numpy as np
 
 from ._cache import CACHE
 from ._errors import OpFailure, ReferenceInputError, ReferenceOpError, raise_failures, run, take_failures
+from .gather_block_quantized import evaluate_gather_block_quantized, gather_block_quantized
 from .matmul_fpq4 import dequantize_fpq4, evaluate_matmul_fpq4, matmul_fpq4
 from .matmul_nbits import dequantize_nbits, evaluate_matmul_nbits, matmul_nbits
 from .registration import (
@@ -66,6 +67,7 @@ __all__ = [
     "take_failures",
     "matmul_nbits",
     "matmul_fpq4",
+    "gather_block_quantized",
     "dequantize_nbits",
     "dequantize_fpq4",
     "evaluate",
@@ -76,9 +78,12 @@ __all__ = [
 
 
 def evaluate(op_type: str, inputs: Sequence[np.ndarray | None], attributes: Mapping[str, Any]) -> np.ndarray:
-    """Reference output of a ``MatMulNBits`` or ``MatMulFpQ4`` node from its ONNX inputs (``None`` for empty ones)."""
+    """Reference output of a ``MatMulNBits``, ``MatMulFpQ4`` or ``GatherBlockQuantized`` node from its ONNX
+    inputs (``None`` for empty ones)."""
     if op_type == "MatMulNBits":
         return evaluate_matmul_nbits(inputs, attributes)
+    if op_type == "GatherBlockQuantized":
+        return evaluate_gather_block_quantized(inputs, attributes)
     if op_type == "MatMulFpQ4":
         return evaluate_matmul_fpq4(inputs, attributes)
     raise ValueError(f"op_type={op_type!r} has no reference implementation; use one of {QUANTIZED_OPS}")

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 from ._cache import CACHE
 from ._errors import OpFailure, ReferenceInputError, record
+from .gather_block_quantized import gather_block_quantized
 from .matmul_fpq4 import matmul_fpq4
 from .matmul_nbits import matmul_nbits
 
@@ -183,6 +184,28 @@ def _fpq4_shape(inputs: Sequence[np.ndarray], attrs: dict[str, Any]) -> tuple[in
     return (*_lead_shape(inputs), max(int(shape[1]), 0) if shape.size == 2 else 0)
 
 
+def gather_variant(zero_points: bool) -> str:
+    """Name of the reference GatherBlockQuantized op with or without (uint8) zero points."""
+    return "GatherBlockQuantized" + ("ZpU8" if zero_points else "")
+
+
+def _gather_compute(zero_points: bool) -> _Compute:
+    def compute(inputs: Sequence[np.ndarray], attrs: dict[str, Any]) -> np.ndarray:
+        data, ids, scales, *rest = inputs
+        return gather_block_quantized(
+            data, ids, scales, rest[0] if zero_points else None, bits=int(attrs["bits"]),
+            block_size=int(attrs["block_size"]), quantize_axis=int(attrs["quantize_axis"]),
+            gather_axis=int(attrs["gather_axis"]),
+        )
+
+    return compute
+
+
+def _gather_shape(inputs: Sequence[np.ndarray], attrs: dict[str, Any]) -> tuple[int, ...]:
+    width = np.shape(inputs[0])[-1] * 8 // max(int(attrs.get("bits", 4)), 1) if inputs else 0
+    return (*np.shape(inputs[1]), width) if len(inputs) > 1 else (0,)
+
+
 def _define(
     name: str, op_type: str, inputs: list[str], attrs: dict[str, str], compute: _Compute, shape: _Shape
 ) -> None:
@@ -217,6 +240,10 @@ def _define_reference_op_set() -> None:
             _define(name, "MatMulNBits", _nbits_types(zp, bias), attrs, _nbits_compute(zp, bias), _nbits_shape)
     attrs = {"blk_quant_type": _I64, "node": _STR}
     _define(f"{REFERENCE_DOMAIN}::MatMulFpQ4", "MatMulFpQ4", [_F, _U8, _I64], attrs, _fpq4_compute, _fpq4_shape)
+    attrs = {"bits": _I64, "block_size": _I64, "quantize_axis": _I64, "gather_axis": _I64, "node": _STR}
+    for zp in (False, True):
+        _define(f"{REFERENCE_DOMAIN}::{gather_variant(zp)}", "GatherBlockQuantized", [_U8, _I64, _F, *([_U8] if zp else [])],
+                attrs, _gather_compute(zp), _gather_shape)
 
 
 _override_lock = threading.Lock()

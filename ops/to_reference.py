@@ -1,6 +1,6 @@
 """Reference copies of quantized models: ``to_reference``, node probes and loading into onnxruntime.
 
-Every com.microsoft ``MatMulNBits`` / ``MatMulFpQ4`` node (main graph, subgraphs and model-local
+Every com.microsoft ``MatMulNBits`` / ``MatMulFpQ4`` / ``GatherBlockQuantized`` node (main graph, subgraphs and model-local
 functions) becomes a node of :data:`REFERENCE_DOMAIN` with the same inputs minus the empty ones,
 the attributes made explicit (defaults written out), and the original node name in a ``node``
 attribute. The reference ops are float32 only, so float16 (or bfloat16) inputs go through Cast
@@ -27,21 +27,22 @@ import onnxruntime as ort
 
 from ort_wq.model_io import as_ir_model, inference_session
 
+from .gather_block_quantized import evaluate_gather_block_quantized
 from .matmul_fpq4 import evaluate_matmul_fpq4
 from .matmul_nbits import evaluate_matmul_nbits
-from .registration import REFERENCE_DOMAIN, nbits_variant, register
+from .registration import REFERENCE_DOMAIN, gather_variant, nbits_variant, register
 
 __all__ = [
     "QUANTIZED_OPS", "is_quantized_node", "node_label", "to_reference", "NodeProbe", "probe_quantized_nodes",
     "inference_session", "reference_session",
 ]  # fmt: skip
 
-QUANTIZED_OPS = ("MatMulNBits", "MatMulFpQ4")
+QUANTIZED_OPS = ("MatMulNBits", "MatMulFpQ4", "GatherBlockQuantized")
 _FLOAT = ir.DataType.FLOAT
 
 
 def is_quantized_node(node: ir.Node) -> bool:
-    """A com.microsoft MatMulNBits or MatMulFpQ4 node."""
+    """A com.microsoft MatMulNBits, MatMulFpQ4 or GatherBlockQuantized node."""
     return node.domain == "com.microsoft" and node.op_type in QUANTIZED_OPS
 
 
@@ -90,12 +91,15 @@ class _Rewriter:
         self.casts = []
         if node.op_type == "MatMulFpQ4":
             ref = self.fpq4(node, label)
+        elif node.op_type == "GatherBlockQuantized":
+            ref = self.gather(node, label)
         else:
             ref = self.nbits(node, label)
         out = node.outputs[0]
         ref_out = ref.outputs[0]
         new_nodes = [*self.casts, ref]
-        out_type = _dtype(out) or _dtype(node.inputs[0]) or _FLOAT
+        float_input = node.inputs[2] if node.op_type == "GatherBlockQuantized" else node.inputs[0]
+        out_type = _dtype(out) or _dtype(float_input) or _FLOAT
         if out_type != _FLOAT:
             ref_out.name = f"{label}/output_float32"
             ref_out.type, ref_out.shape = ir.TensorType(_FLOAT), out.shape
@@ -122,6 +126,24 @@ class _Rewriter:
         attrs += [ir.AttrInt64("block_size", block_size), ir.AttrString("node", label)]
         op_type = nbits_variant(zp_kind, bias is not None)
         return ir.Node(REFERENCE_DOMAIN, op_type, inputs, attrs, name=node.name, num_outputs=1)
+
+    def gather(self, node: ir.Node, label: str) -> ir.Node:
+        data, ids, scales, zp = (list(node.inputs) + [None] * 4)[:4]
+        if data is None or ids is None or scales is None:
+            raise ValueError(f"GatherBlockQuantized node {label}: inputs data, indices and scales are required")
+        if _dtype(data) not in (ir.DataType.UINT8, None) or (zp is not None and _dtype(zp) not in (ir.DataType.UINT8, None)):
+            raise ValueError(f"GatherBlockQuantized node {label}: the reference op takes uint8 data and zero points")
+        if _dtype(ids) not in (ir.DataType.INT64, None):
+            cast = ir.Node("", "Cast", [ids], [ir.AttrInt64("to", ir.DataType.INT64)], name=f"{label}/reference_cast_ids")
+            cast.outputs[0].name = f"{label}/indices_int64"
+            cast.outputs[0].type, cast.outputs[0].shape = ir.TensorType(ir.DataType.INT64), ids.shape
+            self.casts.append(cast)
+            ids = cast.outputs[0]
+        inputs = [data, ids, self.as_float(scales, label, "scales"), *([zp] if zp is not None else [])]
+        attrs = [ir.AttrInt64(name, _int_attr(node, name, label, default))
+                 for name, default in (("bits", 4), ("block_size", 128), ("quantize_axis", 1), ("gather_axis", 0))]
+        attrs.append(ir.AttrString("node", label))
+        return ir.Node(REFERENCE_DOMAIN, gather_variant(zp is not None), inputs, attrs, name=node.name, num_outputs=1)
 
     def fpq4(self, node: ir.Node, label: str) -> ir.Node:
         a, b, b_shape = (list(node.inputs) + [None] * 3)[:3]
@@ -188,7 +210,8 @@ class NodeProbe:
         """
         arrays = [s if s is None else values[s] if isinstance(s, str) else s.numpy() for s in self.sources]
         attrs = {k: a.value for k, a in self.node.attributes.items()}
-        evaluate = evaluate_matmul_fpq4 if self.node.op_type == "MatMulFpQ4" else evaluate_matmul_nbits
+        evaluate = {"MatMulFpQ4": evaluate_matmul_fpq4, "GatherBlockQuantized": evaluate_gather_block_quantized}.get(
+            self.node.op_type, evaluate_matmul_nbits)
         return arrays[-1], evaluate(arrays[:-1], attrs)
 
     @property
@@ -201,7 +224,7 @@ class NodeProbe:
         """
         if self.node.attributes.get_int("accuracy_level", 0) > 0:
             return 5e-2
-        a = self.node.inputs[0]
+        a = self.node.inputs[2 if self.node.op_type == "GatherBlockQuantized" else 0]
         return 1e-3 if a is None or a.dtype in (ir.DataType.FLOAT, None) else 4e-3
 
 

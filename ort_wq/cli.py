@@ -51,9 +51,10 @@ def _add_quantize(sub) -> None:
     d = WeightOnlyConfig()
     p = sub.add_parser(
         "quantize",
-        help="quantize the constant MatMul/Gemm weights of a model",
-        description="Replace every MatMul/Gemm whose weight is a constant with a weight-only quantized node "
-        "(com.microsoft MatMulNBits by default). The input is never modified; OUTPUT appears only if the whole "
+        help="quantize the constant MatMul/Gemm/Gather weights of a model",
+        description="Replace every MatMul/Gemm/FusedMatMul whose weight is a constant with a weight-only quantized "
+        "node (com.microsoft MatMulNBits by default) and every Gather of a constant table with "
+        "com.microsoft GatherBlockQuantized; each tensor is quantized once, whatever reads it. The input is never modified; OUTPUT appears only if the whole "
         "job succeeds (external data is written as OUTPUT.<id>.data when the input had it or the result is over 2 GB).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -81,6 +82,10 @@ def _add_quantize(sub) -> None:
                    help="only quantize nodes whose name or weight name matches (repeatable)")
     p.add_argument("--exclude", action="append", default=[], metavar="REGEX",
                    help="leave nodes whose name or weight name matches (repeatable)")
+    p.add_argument("--op-types", default=",".join(d.op_types), metavar="LIST",
+                   help="comma list of the consumers to convert: MatMul, Gemm, FusedMatMul (com.microsoft), "
+                   "Gather (embedding tables -> com.microsoft GatherBlockQuantized; a table tied to the output head "
+                   "is stored once and read by both)")
     p.add_argument("--override", action="append", default=[], metavar="REGEX=SPEC",
                    help="per-node settings, e.g. 'lm_head=bits:8,block:128' or 'proj=asym' or 'gate=skip' (repeatable)")
     p.add_argument("--zero-points", choices=("auto", "uint8", "float"), default=d.zero_points,
@@ -117,7 +122,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
             bits=args.bits, block_size=args.block_size, symmetric=args.symmetric, format=args.format,
             accuracy_level=args.accuracy_level, algorithm=args.algorithm, include=args.include,
             exclude=args.exclude, overrides=overrides, min_k=args.min_k, threads=args.threads,
-            zero_points=args.zero_points, algorithm_options=options,
+            zero_points=args.zero_points, algorithm_options=options, op_types=args.op_types,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -144,8 +149,9 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
 def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="list quantizable and quantized nodes of a model",
-                       description="List every MatMul/Gemm with its weight shape and whether it can be quantized "
-                       "(and why not), and every already quantized node with its settings.")
+                       description="List every MatMul/Gemm/FusedMatMul/Gather with its weight shape and whether "
+                       "'ort-wq quantize' with default settings converts it (and why not), every already quantized "
+                       "node with its settings, and the model's initializer bytes by the ops that read them.")
     p.add_argument("model", metavar="MODEL", help="ONNX model")
     p.set_defaults(run=_run_inspect)
 

@@ -24,7 +24,8 @@ def quantize(
     progress: bool = False,
     return_report: bool = False,
 ) -> Any:
-    """Quantize the constant weights of every MatMul/Gemm in ``model``.
+    """Quantize the constant weights of every MatMul/Gemm/FusedMatMul and Gather table in ``model``
+    (each tensor once, however many nodes read it; ``config.op_types`` chooses the consumers).
 
     ``model``: an ``onnx.ModelProto`` (not modified; a new one is returned), an ``onnx_ir.Model``
     (modified in place and returned) or a path (then ``output`` is required and the output path

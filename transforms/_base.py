@@ -6,8 +6,8 @@ import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
 
 from . import _emitters
-from ._context import QuantContext, QuantEntry
-from .targets import Consumer
+from ._context import QuantContext
+from .targets import Consumer, Target
 
 
 class WeightOnlyRule(RewriteRuleClassBase):
@@ -23,7 +23,7 @@ class WeightOnlyRule(RewriteRuleClassBase):
         super().__init__(name=name or type(self).__name__)
         self.ctx = ctx
         self._consumer: Consumer | None = None
-        self._entry: QuantEntry | None = None
+        self._target: Target | None = None
 
     def consumer(self, root: ir.Node, **bindings) -> ir.Node:
         return root
@@ -41,8 +41,7 @@ class WeightOnlyRule(RewriteRuleClassBase):
         reason = self.analyze(consumer, **bindings)
         if reason:
             return result.fail(reason)
-        self._consumer = consumer
-        self._entry = self.ctx.entry_for(target)
+        self._consumer, self._target = consumer, target
         return result
 
     def named(self, output: ir.Value) -> ir.Value:
@@ -60,8 +59,9 @@ class WeightOnlyRule(RewriteRuleClassBase):
 
     def emitted(self):
         """``(emitter, values, entry)`` for the matched consumer; records it in the report."""
-        consumer, entry = self._consumer, self._entry
-        assert consumer is not None and entry is not None
+        consumer, target = self._consumer, self._target
+        assert consumer is not None and target is not None
+        entry = self.ctx.entry_for(target)
         emitter, storage = _emitters.for_consumer(consumer.kind.embedding, self.ctx.config.format)
         op_type = getattr(emitter, "GATHER_OP_TYPE", None) if consumer.kind.embedding else None
         self.ctx.record(consumer.node, op_type or emitter.OP_TYPE, entry)

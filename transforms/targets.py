@@ -224,5 +224,10 @@ def resolve_spec(target: Target, config: WeightOnlyConfig) -> tuple[QuantSpec, l
                          + (" for the table and its MatMul (one shared copy is smaller than two)" if target.multiplied else ""))
             spec = replace(spec, bits=bits)
         if spec.float_zero_points and not spec.symmetric:
+            if config.zero_points == "float":
+                notes.append("GatherBlockQuantized reads uint8 zero points: float zero points not used for this table")
             spec = replace(spec, float_zero_points=False)
+        if config.format == "fpq4" and target.multiplied:
+            notes.append("MatMulFpQ4's blob cannot be read by GatherBlockQuantized: the table is stored twice "
+                         "(4-bit each, still smaller than one float copy)")
     return spec, notes

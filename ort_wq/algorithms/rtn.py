@@ -53,6 +53,19 @@ def _slab(w3: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray, np.n
     return q.astype(np.uint8), scale, None if spec.symmetric else zp.astype(np.uint8)
 
 
+def _outputs(n: int, kb: int, bs: int, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Empty codes ``[N, kb, bs]``, scales and zero points ``[N, kb]`` to be filled slab by slab."""
+    zero_point = None if spec.symmetric else np.empty((n, kb), dtype=np.uint8)
+    return np.empty((n, kb, bs), dtype=np.uint8), np.empty((n, kb), dtype=np.float32), zero_point
+
+
+def _result(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, spec: QuantSpec, k: int) -> QuantizedWeight:
+    n, kb, bs = q.shape
+    if kb * bs > k:
+        q.reshape(n, -1)[:, k:] = 0
+    return QuantizedWeight(q, scale, zero_point, spec.bits, k)
+
+
 def _rtn_rows(wt: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
     """:func:`rtn_fast` for a weight stored transposed, ``wt = W.T`` ``[N, K]`` (a Gather table, a
     ``transB`` Gemm weight): its blocks are contiguous along rows, so chunks of rows are viewed as
@@ -60,9 +73,7 @@ def _rtn_rows(wt: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
     n, k = wt.shape
     bs = spec.block_size
     kb = -(-k // bs)
-    q = np.empty((n, kb, bs), dtype=np.uint8)
-    scale = np.empty((n, kb), dtype=np.float32)
-    zero_point = None if spec.symmetric else np.empty((n, kb), dtype=np.uint8)
+    q, scale, zero_point = _outputs(n, kb, bs, spec)
     step = max(1, _SLAB_VALUES // max(1, kb * bs))
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
@@ -76,9 +87,7 @@ def _rtn_rows(wt: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
         scale[r0:r1] = ss.T
         if zero_point is not None:
             zero_point[r0:r1] = zs.T
-    if kb * bs > k:
-        q.reshape(n, -1)[:, k:] = 0
-    return QuantizedWeight(q, scale, zero_point, spec.bits, k)
+    return _result(q, scale, zero_point, spec, k)
 
 
 def rtn_fast(w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
@@ -90,9 +99,7 @@ def rtn_fast(w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
     k, n = w.shape
     bs = spec.block_size
     kb = -(-k // bs)
-    q = np.empty((n, kb, bs), dtype=np.uint8)
-    scale = np.empty((n, kb), dtype=np.float32)
-    zero_point = None if spec.symmetric else np.empty((n, kb), dtype=np.uint8)
+    q, scale, zero_point = _outputs(n, kb, bs, spec)
     step = max(1, _SLAB_VALUES // max(1, bs * n))
     for b0 in range(0, kb, step):
         b1 = min(kb, b0 + step)
@@ -104,9 +111,7 @@ def rtn_fast(w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
         scale[:, b0:b1] = ss.T
         if zero_point is not None:
             zero_point[:, b0:b1] = zs.T
-    if kb * bs > k:
-        q.reshape(n, -1)[:, k:] = 0
-    return QuantizedWeight(q, scale, zero_point, spec.bits, k)
+    return _result(q, scale, zero_point, spec, k)
 
 
 @register("rtn")
