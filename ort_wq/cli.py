@@ -218,13 +218,14 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 # errors of the user's files and folders (exit 2), as opposed to faults of ort-wq (exit 1)
-_USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ENOSPC, errno.EDQUOT,
-                errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP}
+_USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ENOSPC,
+                getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP}
 
 
 def _line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    from .model_io import first_line
+
+    return first_line(exc)
 
 
 def _silence_stdout() -> None:

@@ -44,7 +44,8 @@ from .model_io import ModelInputError, external_files, release
 
 __all__ = ["AtomicModelWriter", "ExternalDataSink", "same_file"]
 
-_ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR}
+_ENV_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EACCES, errno.EPERM, errno.EROFS,
+               errno.EISDIR, errno.ENOTDIR}
 
 
 def same_file(a: Path, b: Path) -> bool:

@@ -7,7 +7,7 @@ packers and transforms cannot also hide here.
 - :func:`quantize_groups`: ``quant_tensor``'s numbers, group by group.
 - :func:`dequantized_model`: a copy of a quantized model in which every ``MatMulNBits``,
   ``MatMulFpQ4``, ``GatherBlockQuantized`` and constant ``DequantizeLinear`` is replaced by plain
-  ``MatMul`` / ``Gather`` / constants holding the weight this module unpacks from the bytes.
+  ``MatMul`` / ``Gather`` / initializers holding the weight this module unpacks from the bytes.
   Running both in onnxruntime and comparing checks that the bytes mean what we think.
 """
 
@@ -236,8 +236,7 @@ def _rewrite_graph(graph: onnx.GraphProto, parent: _Scope | None, counts: dict) 
             ins = list(node.input) + [""] * (3 - len(node.input))
             w = dequant_linear(scope.get(ins[0]), scope.get(ins[1]), scope.get(ins[2]),
                                attrs.get("axis", 1), attrs.get("block_size", 0))
-            out_nodes.append(helper.make_node("Constant", [], list(node.output),
-                                              value=_const(name, w, _elem_of(scope, inits, ins[1]))))
+            new_inits.append(_const(node.output[0], w, _elem_of(scope, inits, ins[1])))
         else:
             out_nodes.append(node)
             continue

@@ -8,7 +8,7 @@ float64 / int32, at several opsets, with random bits, block sizes, formats and a
 Each example must either be refused cleanly (a ``ValueError``, ``ModelInputError`` included) or
 give a model that loads in onnxruntime whenever the original does, computes what the oracle's
 dequantization of the written bytes computes (``tests/oracle.py``), and stays close to the
-original. ``ORT_WQ_FUZZ_EXAMPLES`` sets the number of examples (default 60; try 2000 locally).
+original. ``ORT_WQ_FUZZ_EXAMPLES`` sets the number of examples (default 600, about 40 s; try 5000 locally).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from ort_wq.cli import main
 
 from .oracle import dequantized_model
 
-EXAMPLES = int(os.environ.get("ORT_WQ_FUZZ_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("ORT_WQ_FUZZ_EXAMPLES", "600"))
 # known and reported: format fpq4 with a weight of K <= 16 fails inside the job (the block is
 # narrowed below fpq4's fixed 32). ORT_WQ_FUZZ_STRICT=1 generates those cases too.
 STRICT = os.environ.get("ORT_WQ_FUZZ_STRICT") == "1"
@@ -203,7 +203,7 @@ def test_fuzz_quantize(model_and_feeds, cfg):
     _check(model, feeds, dname, cfg)
 
 
-@settings(max_examples=max(3, EXAMPLES // 20), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=max(3, EXAMPLES // 15), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(models(), configs())
 def test_fuzz_cli(model_and_feeds, cfg):
     """On the command line: exit 0 with an output, or exit 2 with one line and nothing written."""
@@ -227,23 +227,26 @@ def test_fuzz_cli(model_and_feeds, cfg):
             assert out.exists()
 
 
-def test_fuzz_can_fail():
-    """The checks above reject a wrong result: a flipped nibble order in B is caught."""
-    model = helper.make_model(helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [M, 64])],
+def test_fuzz_can_fail(monkeypatch):
+    """The property rejects a wrong result: with the nibble order of the packed codes flipped, it fails."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [M, 64])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [M, 16])],
-        initializer=[numpy_helper.from_array(np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32), "W")]),
-        opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
-    feeds = {"x": np.random.default_rng(1).standard_normal((M, 64)).astype(np.float32)}
+        initializer=[numpy_helper.from_array(rng.standard_normal((64, 16)).astype(np.float32), "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    feeds = {"x": rng.standard_normal((M, 64)).astype(np.float32)}
     cfg = dict(format="nbits", bits=4, block_size=32, symmetric=True, algorithm="rtn", accuracy_level=0, min_k=1)
-    q = quantize(model, WeightOnlyConfig(**cfg))
-    b = next(i for i in q.graph.initializer if i.name == q.graph.node[0].input[1])
-    arr = numpy_helper.to_array(b)
-    wrong = numpy_helper.from_array(((arr >> 4) | (arr << 4)).astype(np.uint8), b.name)
-    # the oracle reads the (wrong) bytes like the kernel does, but the result is far from the original
-    b.CopyFrom(wrong)
-    got = _session(q).run(None, feeds)[0]
-    ref = _session(model).run(None, feeds)[0]
-    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) > 0.45
-    with pytest.raises(AssertionError):
-        np.testing.assert_allclose(got, ref, rtol=0.3)
+    _check(model, feeds, "float32", cfg)
+    from ort_wq import packing
+
+    real = packing._pack_last_axis
+
+    def flipped(q, bits):
+        out = real(q, bits)
+        return ((out >> 4) | (out << 4)).astype(np.uint8) if bits == 4 else out
+
+    monkeypatch.setattr(packing, "_pack_last_axis", flipped)
+    with pytest.raises(AssertionError, match="quantized vs original"):
+        _check(model, feeds, "float32", cfg)

@@ -126,9 +126,7 @@ def test_written_fpq4_and_qdq_weights_match_oracle():
         q = quantize(model, WeightOnlyConfig(format=fmt, bits=bits, block_size=32, symmetric=sym, accuracy_level=0))
         deq, replaced = dequantized_model(q)
         assert replaced == (["MatMulFpQ4"] if fmt == "fpq4" else ["DequantizeLinear"])
-        inits = {i.name: numpy_helper.to_array(i) for i in deq.graph.initializer}
-        consts = [numpy_helper.to_array(_attrs(n)["value"]) for n in deq.graph.node if n.op_type == "Constant"]
-        weights = [v for v in [*inits.values(), *consts] if v.ndim == 2]
+        weights = [v for v in _inits(deq).values() if v.ndim == 2]
         want = _oracle_rtn(w, bits, 32, sym)
         assert any(v.shape == want.shape and np.allclose(v, want, rtol=1e-6, atol=1e-7) for v in weights), fmt
         if fmt == "qdq":
