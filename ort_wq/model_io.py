@@ -1,8 +1,11 @@
 """Loading and saving models: clear errors for bad files, external data, atomic writes.
 
 Models are loaded with onnx_ir, which memory-maps external data, so a weight is read only when
-it is used. Saving writes into a temporary folder beside the destination and moves the files
-into place only when everything was written: a failure leaves no output behind.
+it is used. Loading refuses what onnxruntime would refuse or read differently: external data
+outside the model's folder (checked on the path's text first, so nothing outside is touched),
+data shorter or longer than a tensor's shape, duplicate initializer names. Saving goes through
+:mod:`ort_wq.output_files`: the output path names the old or the new complete model at every
+instant.
 """
 
 from __future__ import annotations
@@ -261,3 +264,12 @@ def inference_session(
         path = Path(tmp) / "model.onnx"
         save_model(model, path, external_data=True)
         return ort.InferenceSession(str(path), so, providers=providers)
+
+
+def __getattr__(name: str) -> Any:
+    """``AtomicModelWriter`` and ``ExternalDataSink`` moved to :mod:`ort_wq.output_files`."""
+    if name in ("AtomicModelWriter", "ExternalDataSink"):
+        from . import output_files
+
+        return getattr(output_files, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

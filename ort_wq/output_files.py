@@ -196,7 +196,8 @@ class AtomicModelWriter:
     def _commit(self) -> list[Path]:
         """Steps 2-4 of the module docstring (the caller holds the folder lock)."""
         assert self.tmp is not None
-        old_refs = _locations(self.dest)
+        legacy = self.parent / (self.dest.name + ".data")  # how earlier versions named the data file
+        old_refs = _locations(self.dest) if legacy.is_file() else set()
         written = []
         moved: Path | None = None
         try:
