@@ -158,8 +158,14 @@ class _Scope:
 
     def _fold(self, node: onnx.NodeProto):
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "Constant" and "value" in attrs:
-            return numpy_helper.to_array(attrs["value"])
+        if node.op_type == "Constant":
+            if "value" in attrs:
+                return numpy_helper.to_array(attrs["value"])
+            for key, dtype in (("value_ints", np.int64), ("value_int", np.int64), ("value_floats", np.float32),
+                               ("value_float", np.float32)):
+                if key in attrs:
+                    return np.array(attrs[key], dtype=dtype)
+            return None
         ins = [self.get(i) for i in node.input]
         if any(v is None for i, v in zip(node.input, ins) if i):
             return None
