@@ -44,6 +44,7 @@ from .model_io import ModelInputError, external_files, release
 
 __all__ = ["AtomicModelWriter", "ExternalDataSink", "same_file"]
 
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _ENV_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EACCES, errno.EPERM, errno.EROFS,
                errno.EISDIR, errno.ENOTDIR}
 
@@ -242,7 +243,7 @@ class AtomicModelWriter:
             return
         for entry in entries:
             try:
-                fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY)
+                fd = os.open(entry.path, os.O_RDONLY | _O_DIRECTORY)
             except OSError:
                 continue
             try:
@@ -279,7 +280,7 @@ def _as_input_error(exc: OSError, folder: Path) -> ModelInputError | OSError:
 def _lock_path(path: Path) -> int | None:
     if fcntl is None:
         return None
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(path, os.O_RDONLY | _O_DIRECTORY)
     fcntl.flock(fd, fcntl.LOCK_EX)
     return fd
 
@@ -301,7 +302,7 @@ def _fsync_file(path: Path) -> None:
 
 def _fsync_dir(folder: Path) -> None:
     with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(folder, os.O_RDONLY | _O_DIRECTORY)
         try:
             os.fsync(fd)
         finally:

@@ -9,7 +9,6 @@ random kills (default 4; try 50 locally).
 from __future__ import annotations
 
 import copy
-import fcntl
 import os
 import random
 import signal
@@ -28,6 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ort_wq import WeightOnlyConfig, quantize
 from ort_wq.model_io import ModelInputError
 
+fcntl = pytest.importorskip("fcntl")  # POSIX: the locks and signals below
 TRIALS = int(os.environ.get("ORT_WQ_FAULT_TRIALS", "4"))
 K, N, LAYERS = 768, 768, 10
 
