@@ -1,7 +1,8 @@
 """``ort-wq``: quantize, inspect, validate and demo from the command line.
 
-Exit codes: 0 ok, 1 validation failed, 2 bad usage or input. A user's own mistake is reported
-as one ``error:`` line, never a traceback.
+Exit codes: 0 ok, 1 validation failed, 2 bad usage or input (files and folders included), 130 /
+143 stopped by Ctrl-C / SIGTERM (handled alike: temporary files removed), 141 stdout closed by
+its reader. A user's own mistake is reported as one ``error:`` line, never a traceback.
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ort-wq",
         description="Weight-only quantization (2/4/8-bit, block-wise) of ONNX models for onnxruntime.",
         epilog="Run 'ort-wq COMMAND --help' for a command's options. Exit codes: 0 ok, 1 validation failed, "
-        "2 bad usage or input.",
+        "2 bad usage or input, 130 / 143 stopped by Ctrl-C / SIGTERM (nothing written).",
     )
     parser.add_argument("--version", action="version", version=f"ort-wq {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
