@@ -217,18 +217,21 @@ def model_nbytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> list[Path]:
+def save_model(
+    model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None, durable: bool = True
+) -> list[Path]:
     """Save ``model`` to ``path`` atomically; returns the files written.
 
     ``external_data=None`` writes external data (``<name>.<token>.data``, a name of its own for
     each write) when the model had it or is too large for one protobuf. ``path`` names the old
-    model or the complete new one at every instant (see :mod:`ort_wq.output_files`).
+    model or the complete new one at every instant (see :mod:`ort_wq.output_files`);
+    ``durable=False`` skips the fsyncs that make this hold across a power loss (throw-away copies).
     """
     from .output_files import AtomicModelWriter
 
     if external_data is None:
         external_data = has_external_data(model) or model_nbytes(model) >= PROTO_LIMIT
-    with AtomicModelWriter(path, external_data) as writer:
+    with AtomicModelWriter(path, external_data, durable=durable) as writer:
         writer.check_inputs(model)
         return writer.finish(model)
 
@@ -262,7 +265,7 @@ def inference_session(
         return ort.InferenceSession(proto.SerializeToString(), so, providers=providers)
     with tempfile.TemporaryDirectory(prefix="ort_wq_", ignore_cleanup_errors=True) as tmp:
         path = Path(tmp) / "model.onnx"
-        save_model(model, path, external_data=True)
+        save_model(model, path, external_data=True, durable=False)
         return ort.InferenceSession(str(path), so, providers=providers)
 
 

@@ -105,8 +105,9 @@ class AtomicModelWriter:
     See the module docstring for the order of the steps.
     """
 
-    def __init__(self, path: str | os.PathLike, external_data: bool) -> None:
+    def __init__(self, path: str | os.PathLike, external_data: bool, durable: bool = True) -> None:
         self.dest = Path(path)
+        self.durable = durable  # fsync before the renames (off for throw-away copies)
         if self.dest.is_dir():
             raise ModelInputError(f"{self.dest}: is a folder; give a file name for the output model")
         self.parent = self.dest.parent if str(self.dest.parent) else Path(".")
@@ -168,9 +169,10 @@ class AtomicModelWriter:
         try:
             self._move_tensors(model)
             if self.sink is not None:
-                self.sink.close(sync=True)
+                self.sink.close(sync=self.durable)
             ir.save(model, self.tmp / self.dest.name)
-            _fsync_file(self.tmp / self.dest.name)
+            if self.durable:
+                _fsync_file(self.tmp / self.dest.name)
         except OSError as exc:
             raise _as_input_error(exc, self.parent) from None
         with _signals_held(), _locked_folder(self.parent):
@@ -217,7 +219,8 @@ class AtomicModelWriter:
                 raise _as_input_error(exc, self.parent) from None
             raise
         written.append(self.dest)
-        _fsync_dir(self.parent)
+        if self.durable:
+            _fsync_dir(self.parent)
         self._remove_old_data(old_refs)
         return written
 
