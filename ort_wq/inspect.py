@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 from .config import WeightOnlyConfig
 from .model_io import load_model
-from .report import _by_size, _mb, initializer_bytes_by_reader
+from .report import _mb, format_by_reader, initializer_bytes_by_reader
 
 _QUANT_OPS = {"MatMulNBits", "MatMulFpQ4", "GatherBlockQuantized"}
 
@@ -95,5 +95,38 @@ def inspect_model(path: str | os.PathLike, config: WeightOnlyConfig | None = Non
         counts[key] = counts.get(key, 0) + 1
     lines.append(", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     sizes = initializer_bytes_by_reader(model)
-    lines.append("initializers by reader: " + ", ".join(f"{k} {_mb(v)}" for k, v in _by_size(sizes)))
+    lines.append("initializers by reader: " + format_by_reader(sizes))
+    before, after = planned_sizes(model, config or WeightOnlyConfig())
+    if before:
+        lines.append(f"ort-wq quantize with these settings: {_mb(before)} of float weights -> {_mb(after)} "
+                     f"(model initializers {_mb(sum(sizes.values()))} -> {_mb(sum(sizes.values()) - before + after)})")
     return "\n".join(lines)
+
+
+def planned_sizes(model: ir.Model, config: WeightOnlyConfig) -> tuple[int, int]:
+    """``(float bytes of the tensors to quantize, bytes they will take)``, a tensor counted once and
+    its float kept where a consumer that is not converted still reads it."""
+    from ort_wq.transforms._emitters import planned_nbytes
+    from ort_wq.transforms.targets import find_targets
+
+    found = find_targets(model, config)
+    before = after = 0
+    for target in found.targets:
+        nbytes = target.ref.tensor.nbytes
+        before += nbytes
+        after += planned_nbytes(target, config.format)
+        readers = {id(u.node) for u in target.ref.value.uses()}
+        converted = {id(c.node) for c in target.consumers}
+        if target.ref.value.is_graph_output() or readers - converted - _transposes_into(target, converted):
+            after += nbytes
+    return before, after
+
+
+def _transposes_into(target, converted: set[int]) -> set[int]:
+    """Transposes of the tensor read only by converted consumers (they go with them)."""
+    out = set()
+    for use in target.ref.value.uses():
+        node = use.node
+        if node.op_type == "Transpose" and all(id(u.node) in converted for u in node.outputs[0].uses()):
+            out.add(id(node))
+    return out

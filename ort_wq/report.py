@@ -112,13 +112,20 @@ class QuantReport:
         if self.model_bytes_before:
             lines.append(f"model:     {_mb(self.model_bytes_before)} -> {_mb(self.model_bytes_after)} of initializers")
         if self.bytes_by_reader:
-            lines.append("on disk:   " + ", ".join(f"{k} {_mb(v)}" for k, v in _by_size(self.bytes_by_reader)))
+            lines.append("on disk:   " + format_by_reader(self.bytes_by_reader))
         lines.append(f"time:      {self.seconds:.2f} s")
         return "\n".join(lines)
 
 
 def _by_size(d: dict[str, int]) -> list[tuple[str, int]]:
     return sorted(d.items(), key=lambda kv: -kv[1])
+
+
+def format_by_reader(d: dict[str, int], min_bytes: int = 10_000) -> str:
+    """``op A MB, op B MB, other C MB``: readers under ``min_bytes`` summed as ``other``."""
+    big = [(k, v) for k, v in _by_size(d) if v >= min_bytes]
+    rest = sum(v for v in d.values() if v < min_bytes)
+    return ", ".join(f"{k} {_mb(v)}" for k, v in [*big, *([("other", rest)] if rest else [])])
 
 
 def _mb(n: int) -> str:

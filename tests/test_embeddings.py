@@ -195,6 +195,12 @@ def test_tied_table_is_stored_once_and_read_by_both(layout, sym, tmp_path):
     assert raw.count(codes[:4096]) == 1
     assert numpy_helper.to_array(m_small.graph.initializer[0]).tobytes()[:4096] not in raw
     assert report.weight_bytes_after == sum(len(_inits(q)[n].tobytes()) for n in mm.input[1:] if n)
+    # inspect's plan for the float model is what was written
+    from ort_wq.inspect import planned_sizes
+    from ort_wq.model_io import load_model
+
+    assert planned_sizes(load_model(src), WeightOnlyConfig(symmetric=sym)) == (
+        report.weight_bytes_before, report.weight_bytes_after)
 
 
 def test_override_naming_the_head_applies_to_the_embedding_too():
@@ -261,6 +267,11 @@ def test_op_types_select_consumers_and_unknown_names_are_refused(capsys, tmp_pat
     assert sorted(_ops(only_mm)) == ["Gather", "MatMulNBits", "Transpose"]
     assert report.tensors[0].float_kept.startswith("still read by Transpose")
     assert report.weight_bytes_after > report.tensors[0].bytes_before  # the float table still counts
+    from ort_wq.inspect import planned_sizes
+    import onnx_ir as ir
+
+    assert planned_sizes(ir.serde.deserialize_model(m), WeightOnlyConfig(op_types="MatMul")) == (
+        report.weight_bytes_before, report.weight_bytes_after)
     with pytest.raises(ValueError, match="'Matmul' not known; use one or more of MatMul, Gemm, FusedMatMul, Gather"):
         WeightOnlyConfig(op_types=("Matmul",))
     src = tmp_path / "m.onnx"

@@ -12,21 +12,20 @@ import functools
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from ort_wq.algorithms import LayerStats, QuantizedWeight, QuantSpec, get_algorithm
-from ort_wq.algorithms.base import uses_float_zero_points
 from ort_wq.config import WeightOnlyConfig
 from ort_wq.model_io import ModelInputError, first_line, release
 from ort_wq.report import ConvertedNode, QuantReport
 
 from . import _emitters
 from ._weights import WeightRef
-from .targets import Target, TargetSet, find_targets
+from .targets import Target, TargetSet, find_targets, with_zero_points
 
 
 @dataclass
@@ -113,8 +112,8 @@ class QuantContext:
             fn = functools.partial(fn, **self.config.algorithm_options)
         if algorithm == "awq":  # the activation scaling was already folded into the graph (awq_fold)
             fn = functools.partial(fn, allow_input_scale=False)
-        if spec.float_zero_points and self.config.zero_points == "auto" and not uses_float_zero_points(algorithm):
-            spec = replace(spec, float_zero_points=False)
+        if algorithm != target.algorithm:
+            spec = with_zero_points(spec, algorithm, self.config)
         stats = self.stats.get(activation.name) if activation is not None and activation.name else None
         ref = target.ref
         dtype = np.float16 if ref.dtype == ir.DataType.FLOAT16 else np.float32
@@ -157,12 +156,8 @@ class QuantContext:
         return ir.Tensor(array, name=name)
 
     def _algorithm_for(self, activation: ir.Value | None, target: Target) -> tuple[str, list[str]]:
-        name = self.config.algorithm
+        name = target.algorithm  # the target finder's choice (its notes are the target's)
         _, needs = get_algorithm(name)
-        if needs and target.gathered:
-            # a data-aware solution fits the head's outputs by moving error into the table's rows,
-            # which a Gather reads as they are (measured: worse logits than rtn on a tied LM)
-            return "rtn", [f"read by a Gather: the rows themselves must be accurate, {name} replaced by rtn"]
         if needs and (activation is None or activation.name not in self.stats):
             return "rtn", [f"no calibration statistics for this input: {name} replaced by rtn"]
         return name, []

@@ -59,3 +59,17 @@ def storages(target: Any, fmt: str) -> dict[str, tuple[ModuleType, dict]]:
         else:
             out[kind] = (mods[kind], {})
     return out
+
+
+def planned_nbytes(target: Any, fmt: str) -> int:
+    """Bytes of the initializers the target will be written as (known before it is quantized)."""
+    import numpy as np
+    import onnx_ir as ir
+
+    ref = target.ref
+    dtype = np.float16 if ref.dtype == ir.DataType.FLOAT16 else np.float32
+    total = 0
+    for storage, opts in storages(target, fmt).values():
+        for _, ir_dtype, shape in storage.layout(ref.k, ref.n, target.spec, dtype, **opts).values():
+            total += (int(np.prod(shape)) * ir_dtype.bitwidth + 7) // 8
+    return total

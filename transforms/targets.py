@@ -99,6 +99,7 @@ class Target:
     ref: WeightRef
     consumers: list[Consumer] = field(default_factory=list)
     spec: QuantSpec | None = None
+    algorithm: str = "rtn"
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -204,14 +205,37 @@ def find_targets(model: ir.Model, config: WeightOnlyConfig) -> TargetSet:
             result._by_node[id(node)] = (consumer, target)
     for target in result.targets:
         target.spec, target.notes = resolve_spec(target, config)
+        target.algorithm = algorithm_for(target, config)[0]
     return result
+
+
+def algorithm_for(target: Target, config: WeightOnlyConfig) -> tuple[str, list[str]]:
+    """The algorithm that quantizes ``target``: the configured one, or rtn for a calibrated
+    algorithm on a table that a Gather reads (a Hessian solution for the head moves error into the
+    rows the Gather reads as they are; measured: worse logits than rtn on a tied LM)."""
+    from ort_wq.algorithms import get_algorithm
+
+    name = config.algorithm
+    if get_algorithm(name)[1] and target.gathered:
+        return "rtn", [f"read by a Gather: the rows themselves must be accurate, {name} replaced by rtn"]
+    return name, []
+
+
+def with_zero_points(spec: QuantSpec, algorithm: str, config: WeightOnlyConfig) -> QuantSpec:
+    """Float zero points only where asked (``zero_points='float'``) or where ``auto`` and the
+    algorithm optimises them (HQQ); else uint8."""
+    from ort_wq.algorithms.base import uses_float_zero_points
+
+    if spec.float_zero_points and config.zero_points == "auto" and not uses_float_zero_points(algorithm):
+        return replace(spec, float_zero_points=False)
+    return spec
 
 
 def resolve_spec(target: Target, config: WeightOnlyConfig) -> tuple[QuantSpec, list[str]]:
     """The spec of one tensor, from all its consumers' names, adjusted to what they can all read."""
     k = target.ref.k
-    spec = config.spec_for(target.names, k)
-    notes = []
+    algorithm, notes = algorithm_for(target, config)
+    spec = with_zero_points(config.spec_for(target.names, k), algorithm, config)
     top = max(16, 1 << max(0, k - 1).bit_length())
     if spec.block_size > top:
         notes.append(f"block size {spec.block_size} is larger than K={k}: using {top}")
