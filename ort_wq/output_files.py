@@ -281,10 +281,20 @@ def _as_input_error(exc: OSError, folder: Path) -> ModelInputError | OSError:
 
 
 def _lock_path(path: Path) -> int | None:
+    """An exclusive ``flock`` on a folder, held until the returned descriptor is closed.
+
+    ``None`` where the platform or file system has no such locks (then writers are not serialised).
+    """
     if fcntl is None:
         return None
     fd = os.open(path, os.O_RDONLY | _O_DIRECTORY)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            return None
+        raise
     return fd
 
 
