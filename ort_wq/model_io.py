@@ -116,8 +116,10 @@ def _inside_folder(location: str) -> bool:
     """A relative location that stays in the model's folder (checked on the text alone)."""
     if not location or "\0" in location or os.path.isabs(location) or location.startswith(("/", "\\")):
         return False
+    if len(location) > 1 and location[1] == ":" and location[0].isalpha():  # a Windows drive
+        return False
     parts = Path(os.path.normpath(location.replace("\\", "/"))).parts
-    return bool(parts) and parts[0] != ".." and ":" not in parts[0]
+    return bool(parts) and parts[0] != ".."
 
 
 def _tensor_nbytes(tensor: onnx.TensorProto) -> int | None:

@@ -285,3 +285,13 @@ def test_installed_console_script_runs(model_file, tmp_path):
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
     res = subprocess.run([exe, "inspect", str(out)], capture_output=True, text=True)
     assert res.returncode == 0 and "MatMulNBits" in res.stdout
+
+
+@pytest.mark.parametrize("location, inside", [
+    ("m.onnx.data", True), ("sub/w.bin", True), ("a/../w.bin", True), ("../w.bin", False), ("a/../../w.bin", False),
+    ("/etc/passwd", False), ("C:/w.bin", False), ("\\\\server\\share\\w.bin", False), ("..\\w.bin", False), ("", False),
+])
+def test_external_locations_are_judged_on_their_text(location, inside):
+    from ort_wq.model_io import _inside_folder
+
+    assert _inside_folder(location) is inside
