@@ -148,9 +148,13 @@ class AtomicModelWriter:
         except OSError as exc:
             raise _as_input_error(exc, self.parent) from None
         self.tmp = tmp
-        self._tmp_fd = _lock_path(tmp)
-        if self.external_data:
-            self.sink = ExternalDataSink(self.tmp, self.data_name)
+        try:
+            self._tmp_fd = _lock_path(tmp)
+            if self.external_data:
+                self.sink = ExternalDataSink(self.tmp, self.data_name)
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -166,6 +170,7 @@ class AtomicModelWriter:
     def finish(self, model: ir.Model) -> list[Path]:
         """Write the graph (and the remaining tensors), then move the files into place."""
         assert self.tmp is not None, "use AtomicModelWriter as a context manager"
+        self._protected += sorted(external_files(model))  # still read by the model: never removed
         try:
             self._move_tensors(model)
             if self.sink is not None:

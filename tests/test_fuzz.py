@@ -73,7 +73,9 @@ def models(draw):
             return rng.integers(-4, 5, shape).astype(np.int32)
         # half precision: blocks of values below ~1e-4 need scales under float16's subnormal range, which
         # the stored float16 scales cannot hold (a known limit of the format, not judged here)
-        scale = draw(st.sampled_from([1.0, 1e-2 if dtype in (np.float16, ml_dtypes.bfloat16) else 1e-3, 30.0]))
+        # and large values overflow float16 outputs: the original's own result would be inf
+        half = dtype in (np.float16, ml_dtypes.bfloat16)
+        scale = draw(st.sampled_from([1.0, 1e-2 if half else 1e-3, 4.0 if half else 30.0]))
         return (rng.standard_normal(shape) * scale).astype(np.float32).astype(dtype)
 
     nodes, inputs, outputs, inits, feeds, typical = [], [], [], [], {}, []
@@ -226,6 +228,8 @@ def _check(model: onnx.ModelProto, feeds: dict, dname: str, cfg: dict, typical: 
     for g, w, r, t in zip(got, want, ref, typical or [0.0] * len(ref)):
         g, w, r = _as64(g), _as64(w), _as64(r)
         assert g.shape == r.shape
+        if not np.isfinite(r).all():
+            continue  # the original itself overflows (float16): nothing to compare
         # where an output cancels to almost nothing, errors count against its typical size instead
         scale = max(np.abs(w).max(), t / np.sqrt(max(w.size, 1))) + 1e-30
         err = np.abs(g - w).max()
