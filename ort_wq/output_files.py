@@ -280,8 +280,9 @@ def _locations(path: Path) -> set[str]:
 
 def _as_input_error(exc: OSError, folder: Path) -> ModelInputError | OSError:
     if exc.errno in _ENV_ERRNOS:
-        return ModelInputError(f"cannot write the output in {folder}: {exc.strerror or exc} "
-                               f"({exc.filename or folder}); nothing was written")
+        where = exc.filename2 or exc.filename or folder  # a rename names its destination second
+        return ModelInputError(f"cannot write the output in {folder}: {exc.strerror or exc} ({where}); "
+                               "nothing was written")
     return exc
 
 
