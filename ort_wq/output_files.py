@@ -14,7 +14,8 @@ digits), referenced by the graph. The order is:
 
 A process killed between 2 and 3 leaves an unreferenced data file; one killed before leaves its
 temporary folder. Both are removed by the next write of the same output: a temporary folder is
-held by an ``flock`` while its writer lives, so only those of dead writers are taken.
+held by an ``flock`` while its writer lives (taken under the folder lock, as is the clean-up), so
+only those of dead writers are taken.
 Ctrl-C and SIGTERM during steps 2-4 are held back until step 4 is done.
 """
 
@@ -141,19 +142,20 @@ class AtomicModelWriter:
                                       "choose another output name")
 
     def __enter__(self) -> AtomicModelWriter:
-        self._remove_stale_temporaries()
         tmp = self.parent / f".{self.dest.name}.{self.token}.tmp"
         try:
-            tmp.mkdir()
-        except OSError as exc:
-            raise _as_input_error(exc, self.parent) from None
-        self.tmp = tmp
-        try:
-            self._tmp_fd = _lock_path(tmp)
+            # under the folder lock: no other writer's cleanup sees our folder before it is locked
+            with _locked_folder(self.parent):
+                self._remove_stale_temporaries()
+                tmp.mkdir()
+                self.tmp = tmp
+                self._tmp_fd = _lock_path(tmp)
             if self.external_data:
-                self.sink = ExternalDataSink(self.tmp, self.data_name)
-        except BaseException:
+                self.sink = ExternalDataSink(tmp, self.data_name)
+        except BaseException as exc:
             self.__exit__()
+            if isinstance(exc, OSError):
+                raise _as_input_error(exc, self.parent) from None
             raise
         return self
 
