@@ -279,7 +279,22 @@ def _dispatch(args: argparse.Namespace) -> int:
     except MemoryError:
         return error("error: out of memory; nothing was written", EXIT_FAILED)
     except Exception as exc:  # noqa: BLE001
+        cause = _user_cause(exc)
+        if cause is not None:  # a worker's bad input, wrapped with what it was working on
+            return error(f"error: {_line(exc)}", EXIT_USAGE)
         return _internal(args, exc)
+
+
+def _user_cause(exc: BaseException) -> BaseException | None:
+    """The ``ValueError`` or file-system error behind a wrapped exception (``raise ... from``), if any."""
+    seen = set()
+    cause = exc.__cause__
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ValueError) or (isinstance(cause, OSError) and cause.errno in _USER_ERRNOS):
+            return cause
+        cause = cause.__cause__
+    return None
 
 
 def _internal(args: argparse.Namespace, exc: BaseException) -> int:

@@ -81,10 +81,13 @@ class ExternalDataSink:
         raw = tensor.tobytes()
         with self._lock:
             pad = -self._offset % self.ALIGN
-            if pad:
-                self._file.write(b"\0" * pad)
+            try:
+                if pad:
+                    self._file.write(b"\0" * pad)
+                self._file.write(raw)
+            except OSError as exc:  # a full disk, a quota: the user's to fix
+                raise _as_input_error(exc, self.folder.parent) from None
             offset = self._offset + pad
-            self._file.write(raw)
             self._offset = offset + len(raw)
         return ir.ExternalTensor(self.name, offset, len(raw), tensor.dtype, shape=tensor.shape, name=name,
                                  base_dir=str(self.folder))
@@ -282,9 +285,9 @@ def _locations(path: Path) -> set[str]:
 
 def _as_input_error(exc: OSError, folder: Path) -> ModelInputError | OSError:
     if exc.errno in _ENV_ERRNOS:
-        where = exc.filename2 or exc.filename or folder  # a rename names its destination second
-        return ModelInputError(f"cannot write the output in {folder}: {exc.strerror or exc} ({where}); "
-                               "nothing was written")
+        where = exc.filename2 or exc.filename  # a rename names its destination second
+        return ModelInputError(f"cannot write the output in {folder}: {exc.strerror or exc}"
+                               f"{f' ({where})' if where else ''}; nothing was written")
     return exc
 
 

@@ -242,3 +242,30 @@ def test_ctrl_c_during_the_renames_is_held_until_they_are_done(source, tmp_path,
     assert info.value.output_written is True
     assert _which(out, x, expected) == 4 and len(_data_files(tmp_path, "out.onnx")) == 1
     assert _leftovers(tmp_path, "out.onnx") == []
+
+
+def test_full_disk_while_streaming_is_exit_2_and_leaves_nothing(source, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from ort_wq import output_files
+    from ort_wq.cli import main
+
+    src, _, _ = source
+    real_open = open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(output_files, "open", lambda *a, **k: Full(real_open(*a, **k)), raising=False)
+    out = tmp_path / "out.onnx"
+    assert main(["quantize", str(src), str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "No space left on device" in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
