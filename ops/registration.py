@@ -2,7 +2,7 @@
 
 Two sets of ops, because a Python op has one fixed list of required inputs and attributes:
 
-- Under :data:`REFERENCE_DOMAIN`, defined when this module is imported: ``MatMulFpQ4`` and one
+- Under :data:`REFERENCE_DOMAIN`, defined on the first :func:`register` call: ``MatMulFpQ4`` and one
   ``MatMulNBits`` variant per optional-input combination (:func:`nbits_variant`). Copies made by
   :func:`ort_wq.ops.to_reference` point at them and carry the original node name in a ``node``
   attribute, so errors name the node. These ops are float32 only: onnxruntime-extensions cannot
@@ -27,9 +27,12 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import onnxruntime as ort
-from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 from ._cache import CACHE
 from ._errors import OpFailure, ReferenceInputError, record
@@ -52,7 +55,10 @@ REFERENCE_DOMAIN = "ort_wq.reference"
 CONTRIB_DOMAIN = "com.microsoft"
 ZERO_POINT_KINDS = ("none", "uint8", "float")
 
-_F, _U8, _I64, _STR = PyCustomOpDef.dt_float, PyCustomOpDef.dt_uint8, PyCustomOpDef.dt_int64, PyCustomOpDef.dt_string
+# onnxruntime-extensions type names (PyCustomOpDef.dt_*), resolved when an op is defined: importing
+# onnxruntime_extensions is slow (it imports transformers/torch where installed), so it happens only
+# when a session first needs the reference ops.
+_F, _U8, _I64, _STR = "dt_float", "dt_uint8", "dt_int64", "dt_string"
 _NBITS_ATTRS = {"K": _I64, "N": _I64, "bits": _I64, "block_size": _I64}
 
 
@@ -148,7 +154,7 @@ def nbits_variant(zero_points: str, bias: bool) -> str:
     return "MatMulNBits" + {"none": "", "uint8": "ZpU8", "float": "ZpF"}[zero_points] + ("Bias" if bias else "")
 
 
-def _nbits_types(zero_points: str, bias: bool) -> list[int]:
+def _nbits_types(zero_points: str, bias: bool) -> list[str]:
     zp = {"none": [], "uint8": [_U8], "float": [_F]}[zero_points]
     return [_F, _U8, _F, *zp, *([_F] if bias else [])]
 
@@ -203,14 +209,32 @@ def _gather_shape(inputs: Sequence[np.ndarray], attrs: dict[str, Any]) -> tuple[
 
 
 def _define(
-    name: str, op_type: str, inputs: list[int], attrs: dict[str, int], compute: _Compute, shape: _Shape
+    name: str, op_type: str, inputs: list[str], attrs: dict[str, str], compute: _Compute, shape: _Shape
 ) -> None:
     """One Python op ``name`` ("domain::op") computing ``op_type``, one float32 output."""
-    onnx_op(op_type=name, inputs=inputs, outputs=[_F], attrs=attrs)(_make_body(name, op_type, compute, shape))
+    from onnxruntime_extensions import PyCustomOpDef, onnx_op
+
+    def dt(type_name: str) -> int:
+        return getattr(PyCustomOpDef, type_name)
+
+    onnx_op(op_type=name, inputs=[dt(t) for t in inputs], outputs=[dt(_F)],
+            attrs={k: dt(v) for k, v in attrs.items()})(_make_body(name, op_type, compute, shape))
+
+
+_reference_lock = threading.Lock()
+_reference_defined = False
 
 
 def _define_reference_ops() -> None:
-    """All ops of :data:`REFERENCE_DOMAIN`, defined together before any session can register them."""
+    """All ops of :data:`REFERENCE_DOMAIN`, defined together (once) before any session registers them."""
+    global _reference_defined
+    with _reference_lock:
+        if not _reference_defined:
+            _define_reference_op_set()
+            _reference_defined = True
+
+
+def _define_reference_op_set() -> None:
     attrs = {**_NBITS_ATTRS, "node": _STR}
     for zp in ZERO_POINT_KINDS:
         for bias in (False, True):
@@ -315,6 +339,9 @@ def register(
     (instead of onnxruntime's "invalid graph" when the session is created).
     Call once per ``SessionOptions``. Returns ``sess_options``.
     """
+    from onnxruntime_extensions import get_library_path
+
+    _define_reference_ops()
     zero_points = nbits_zero_points or _override_on or "uint8"
     if contrib and model is not None:
         _check_served(model, _override_on or zero_points)
@@ -329,6 +356,8 @@ def session_options(
     model: Any = None,
 ) -> ort.SessionOptions:
     """New (or the given) ``SessionOptions`` with the reference ops registered; see :func:`register`."""
+    import onnxruntime as ort
+
     so = sess_options if sess_options is not None else ort.SessionOptions()
     return register(so, contrib=contrib, nbits_zero_points=nbits_zero_points, model=model)
 
@@ -338,6 +367,3 @@ def stats() -> dict[str, Any]:
     with _calls_lock:
         calls = dict(_calls)
     return {"calls": calls, "cache": CACHE.stats()}
-
-
-_define_reference_ops()

@@ -18,7 +18,6 @@ from .packing import (
 from .config import NodeOverride, WeightOnlyConfig
 from .quantize import quantize
 from .report import QuantReport
-from . import ops
 from .utility import make_matmul_weight_only_node, pad_tensor, prepare_inputs, qdq_tensor, quant_tensor
 
 from .validate import ValidationInputError, ValidationReport, validate  # noqa: E402  (the function)
@@ -26,6 +25,15 @@ from .evaluate import EvalResult, evaluate  # noqa: E402
 from .text import CalibrationText  # noqa: E402
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``ort_wq.ops`` (the reference ops) is imported on first use: it is not needed to quantize."""
+    if name == "ops":
+        import importlib
+
+        return importlib.import_module(".ops", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "__version__",

@@ -1,14 +1,18 @@
 """``ort-wq``: quantize, inspect, validate and demo from the command line.
 
-Exit codes: 0 ok, 1 validation failed, 2 bad usage or input. A user's own mistake is reported
-as one ``error:`` line, never a traceback.
+Exit codes: 0 ok, 1 validation failed, 2 bad usage or input (files and folders included), 130 /
+143 stopped by Ctrl-C / SIGTERM (handled alike: temporary files removed), 141 stdout closed by
+its reader. A user's own mistake is reported as one ``error:`` line, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
@@ -52,7 +56,7 @@ def _add_quantize(sub) -> None:
         description="Replace every MatMul/Gemm/FusedMatMul whose weight is a constant with a weight-only quantized "
         "node (com.microsoft MatMulNBits by default) and every Gather of a constant table with "
         "com.microsoft GatherBlockQuantized; each tensor is quantized once, whatever reads it. The input is never modified; OUTPUT appears only if the whole "
-        "job succeeds (external data is written as OUTPUT.data when the input had it or the result is over 2 GB).",
+        "job succeeds (external data is written as OUTPUT.<id>.data when the input had it or the result is over 2 GB).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("input", metavar="INPUT", help="ONNX model to quantize, or a model folder (one .onnx plus "
@@ -112,11 +116,15 @@ def _add_quantize(sub) -> None:
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .algorithms import list_algorithms
     from .config import NodeOverride, WeightOnlyConfig, parse_option
     from .model_io import load_model
-    from .quantize import _same_file, quantize
+    from .output_files import same_file
+    from .quantize import quantize
 
-    if os.path.isfile(args.input) and _same_file(args.input, args.output):
+    if os.path.isfile(args.input) and same_file(Path(args.input), Path(args.output)):
         raise UsageError(f"OUTPUT {args.output!r} is the input model; choose another path")
     try:
         overrides = [NodeOverride.parse(o) for o in args.override]
@@ -132,10 +140,15 @@ def _run_quantize(args: argparse.Namespace) -> int:
     from .folders import resolve
 
     load_model(resolve(args.input))  # bad input files fail here, before any work
+    needs_calibration = list_algorithms()[args.algorithm]
     calibration = None
     if args.calibration and args.calibration_text:
         raise UsageError("give --calibration FILE.npz or --calibration-text FILE, not both")
-    if args.calibration:
+    given = args.calibration or args.calibration_text
+    if given and not needs_calibration:
+        print(f"ort-wq quantize: note: --algorithm {args.algorithm} does not use calibration data; "
+              f"{given} is ignored (gptq and awq use it)", file=sys.stderr)
+    elif args.calibration:
         from .algorithms.calibration import npz_batches
 
         calibration = npz_batches(args.calibration, args.calibration_batch_size, args.calibration_batches)
@@ -145,7 +158,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
         calibration = CalibrationText(args.calibration_text, args.tokenizer or default_tokenizer(args.input),
                                       args.calibration_seq_len, args.calibration_batches)
         load_tokenizer(calibration.tokenizer)  # a missing package or file fails before any work
-    elif args.algorithm in ("gptq", "awq"):
+    elif needs_calibration:
         raise UsageError(f"--algorithm {args.algorithm} needs --calibration FILE.npz or --calibration-text FILE")
     start = time.perf_counter()
     _, report = quantize(args.input, config, output=args.output, calibration=calibration,
@@ -231,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ort-wq",
         description="Weight-only quantization (2/4/8-bit, block-wise) of ONNX models for onnxruntime.",
         epilog="Run 'ort-wq COMMAND --help' for a command's options. Exit codes: 0 ok, 1 validation failed, "
-        "2 bad usage or input.",
+        "2 bad usage or input, 130 / 143 stopped by Ctrl-C / SIGTERM (nothing written).",
     )
     parser.add_argument("--version", action="version", version=f"ort-wq {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -243,34 +256,99 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the job stops and its temporary files are removed."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+# errors of the user's files and folders (exit 2), as opposed to faults of ort-wq (exit 1)
+_USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ENOSPC,
+                getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def _line(exc: BaseException) -> str:
+    from .model_io import first_line
+
+    return first_line(exc)
+
+
+def _silence_stdout() -> None:
+    """After the reader of stdout went away (``| head``): drop further output instead of raising at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (tests capture stdout)
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
         parser.print_help()
         return EXIT_USAGE
-    from .model_io import ModelInputError
+    in_main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+    try:
+        return _dispatch(args)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    def error(text: str, code: int) -> int:
+        print(f"ort-wq {args.command}: {text}", file=sys.stderr)
+        return code
 
     try:
-        return int(args.run(args))
-    except (UsageError, ModelInputError, FileNotFoundError) as exc:
-        print(f"ort-wq {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ValueError as exc:  # invalid settings or input data found while working
-        print(f"ort-wq {args.command}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"ort-wq {args.command}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        code = int(args.run(args))
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141  # like any tool whose reader closed the pipe (128 + SIGPIPE)
+    except (UsageError, ValueError) as exc:  # ModelInputError and invalid settings or input data
+        return error(f"error: {_line(exc)}", EXIT_USAGE)
+    except OSError as exc:
+        if exc.errno not in _USER_ERRNOS:
+            return _internal(args, exc)
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) not in str(exc.strerror) else ""
+        return error(f"error: {exc.strerror or _line(exc)}{where}; nothing was written", EXIT_USAGE)
+    except KeyboardInterrupt as exc:
+        what = "the output was written" if getattr(exc, "output_written", False) else "nothing was written"
+        return error(f"{'terminated' if isinstance(exc, Terminated) else 'interrupted'}; {what}",
+                     143 if isinstance(exc, Terminated) else 130)
     except MemoryError:
-        print(f"ort-wq {args.command}: error: out of memory; nothing was written", file=sys.stderr)
-        return EXIT_FAILED
-    except Exception as exc:
-        if os.environ.get("ORT_WQ_DEBUG"):
-            raise
-        print(f"ort-wq {args.command}: error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-              "(nothing was written; set ORT_WQ_DEBUG=1 for the traceback)", file=sys.stderr)
-        return EXIT_FAILED
+        return error("error: out of memory; nothing was written", EXIT_FAILED)
+    except Exception as exc:  # noqa: BLE001
+        cause = _user_cause(exc)
+        if cause is not None:  # a worker's bad input, wrapped with what it was working on
+            return error(f"error: {_line(exc)}", EXIT_USAGE)
+        return _internal(args, exc)
+
+
+def _user_cause(exc: BaseException) -> BaseException | None:
+    """The ``ValueError`` or file-system error behind a wrapped exception (``raise ... from``), if any."""
+    seen = set()
+    cause = exc.__cause__
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ValueError) or (isinstance(cause, OSError) and cause.errno in _USER_ERRNOS):
+            return cause
+        cause = cause.__cause__
+    return None
+
+
+def _internal(args: argparse.Namespace, exc: BaseException) -> int:
+    if os.environ.get("ORT_WQ_DEBUG"):
+        raise exc
+    print(f"ort-wq {args.command}: error: {type(exc).__name__}: {_line(exc)} "
+          "(nothing was written; set ORT_WQ_DEBUG=1 for the traceback)", file=sys.stderr)
+    return EXIT_FAILED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,7 +10,8 @@ import onnx
 import onnx_ir as ir
 
 from .config import WeightOnlyConfig
-from .model_io import PROTO_LIMIT, AtomicModelWriter, ModelInputError, as_ir_model, has_external_data, model_nbytes
+from .model_io import PROTO_LIMIT, ModelInputError, as_ir_model, has_external_data, model_nbytes
+from .output_files import AtomicModelWriter, same_file
 from .report import QuantReport
 
 
@@ -45,7 +46,7 @@ def quantize(
     if isinstance(model, (str, os.PathLike)):
         if output is None:
             raise ModelInputError("quantize(path) needs output=...: the input file is never modified")
-        if _same_file(model, output):
+        if same_file(Path(model), Path(output)):
             raise ModelInputError(f"output {os.fspath(output)!r} is the input model; choose another path")
     ir_model, kind = as_ir_model(model)
     before = model_nbytes(ir_model)
@@ -72,7 +73,7 @@ def quantize(
     else:
         # with external data, quantized tensors stream to disk as they are finished
         with AtomicModelWriter(output, external) as writer:
-            writer.check_inputs(ir_model)
+            writer.check_inputs(ir_model, source=model if kind == "path" else None)
             report = run(writer.sink)
             writer.finish(ir_model)
     report.model_bytes_before = before
@@ -85,16 +86,6 @@ def quantize(
     else:
         result = ir_model
     return (result, report) if return_report else result
-
-
-def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    pa, pb = Path(a), Path(b)
-    if pa.resolve() == pb.resolve():
-        return True
-    try:
-        return pb.exists() and os.path.samefile(pa, pb)
-    except OSError:
-        return False
 
 
 __all__ = ["quantize"]

@@ -64,8 +64,17 @@ def _batches(inputs: Any, data_reader: Any) -> list[Mapping[str, Any]]:
 
 def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The arrays of an ``.npz`` file by name; one-line ``ValueError`` for a missing or unreadable file."""
+    if os.path.isdir(path):
+        raise ValidationInputError(f"{path}: is a folder, not a .npz file (save inputs with numpy.savez)")
     if not os.path.isfile(path):
         raise ValidationInputError(f"{path}: no such file")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise ValidationInputError(f"{path}: cannot read it ({exc.strerror})") from None
+    if magic != b"PK\x03\x04":  # every .npz is a zip archive
+        raise ValidationInputError(f"{path}: not a .npz archive (save inputs with numpy.savez)")
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as exc:

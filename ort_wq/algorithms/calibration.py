@@ -30,6 +30,10 @@ def npz_batches(path: str | os.PathLike, batch_size: int = 8, max_batches: int |
     rows = {k: (v.shape[0] if v.ndim else 0) for k, v in arrays.items()}
     if len(set(rows.values())) != 1 or 0 in rows.values():
         raise ModelInputError(f"calibration file {p}: arrays need the same batch size along axis 0, got {rows}")
+    bad = [k for k, v in arrays.items() if v.dtype.kind in "fc" and not np.isfinite(v).all()]
+    if bad:
+        raise ModelInputError(f"calibration file {p}: array {bad[0]!r} holds NaN or infinite values; "
+                              "calibration needs finite inputs")
     n = next(iter(rows.values()))
     batches = [{k: v[i : i + batch_size] for k, v in arrays.items()} for i in range(0, n, batch_size)]
     return batches[:max_batches] if max_batches else batches

@@ -61,7 +61,7 @@ from ._common import (
     search_clip,
 )
 from ._blas import one_blas_thread
-from .base import LayerStats, QuantizedWeight, QuantSpec, register
+from .base import LayerStats, OptionSpec, QuantizedWeight, QuantSpec, register
 
 
 # rows per inner step of the two-level lazy batching inside a column block: the same result as
@@ -162,7 +162,9 @@ def _group_params(rows: np.ndarray, spec: QuantSpec, dtype, ratios) -> tuple[np.
     return s[:, 0], z[:, 0]
 
 
-@register("gptq", needs_calibration=True)
+@register("gptq", needs_calibration=True, options={
+    "damp": OptionSpec(float, min=0), "act_order": OptionSpec(bool), "block": OptionSpec(int, min=1),
+    "clip_search": OptionSpec(bool)})
 @one_blas_thread
 def gptq(
     w: np.ndarray,

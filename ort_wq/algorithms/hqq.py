@@ -52,7 +52,7 @@ from ._common import (
     run_chunks,
     search_clip,
 )
-from .base import LayerStats, QuantizedWeight, QuantSpec, register
+from .base import LayerStats, OptionSpec, QuantizedWeight, QuantSpec, register
 
 
 def _shrink_lp(d: np.ndarray, beta: float, p: float) -> np.ndarray:
@@ -120,7 +120,10 @@ def _hqq_chunk(x, mask, spec, dtype, iters, lp_norm, beta, kappa, optimize_scale
     return best_s, best_z
 
 
-@register("hqq", float_zero_points=True)
+@register("hqq", float_zero_points=True, options={
+    "iters": OptionSpec(int, min=1), "lp_norm": OptionSpec(float, min=0, min_open=True, max=1),
+    "beta": OptionSpec(float, min=0, min_open=True), "kappa": OptionSpec(float, min=1),
+    "optimize_scale": OptionSpec(bool), "init": OptionSpec(str, choices=("auto", "minmax", "clip"))})
 def hqq(
     w: np.ndarray,
     spec: QuantSpec,

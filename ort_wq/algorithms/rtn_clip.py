@@ -20,10 +20,10 @@ from __future__ import annotations
 import numpy as np
 
 from ._common import check_weight, clip_ratios, finalize, group_view, out_dtype, search_clip
-from .base import LayerStats, QuantizedWeight, QuantSpec, register
+from .base import LayerStats, OptionSpec, QuantizedWeight, QuantSpec, register
 
 
-@register("rtn-clip")
+@register("rtn-clip", options={"grid": OptionSpec(int, min=1), "min_ratio": OptionSpec(float, min=0, min_open=True, max=1)})
 def rtn_clip(
     w: np.ndarray,
     spec: QuantSpec,
