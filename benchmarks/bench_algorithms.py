@@ -174,7 +174,7 @@ def main() -> int:
     if M.available() and not args.skip_minilm:
         print("MiniLM (4-bit, accuracy_level 0; calibrate rows 0-127, evaluate rows 128-255)")
         sections += ["MiniLM sentence embedder, 4-bit, accuracy_level 0; mean cosine similarity of the embeddings to "
-                     "fp32 and nearest-neighbour agreement on rows 128-255 of dev_inputs.npz (gptq/awq calibrated on "
+                     "fp32 and nearest-neighbour agreement on rows 128-255 of dev_inputs.npz (imatrix/gptq/awq calibrated on "
                      "rows 0-127); time = quantization (load, calibrate, quantize, save).", "",
                      *minilm_table(algorithms, blocks), ""]
     else:

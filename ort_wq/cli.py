@@ -1,14 +1,18 @@
 """``ort-wq``: quantize, inspect, validate and demo from the command line.
 
-Exit codes: 0 ok, 1 validation failed, 2 bad usage or input. A user's own mistake is reported
-as one ``error:`` line, never a traceback.
+Exit codes: 0 ok, 1 validation failed, 2 bad usage or input (files and folders included), 130 /
+143 stopped by Ctrl-C / SIGTERM (handled alike: temporary files removed), 141 stdout closed by
+its reader. A user's own mistake is reported as one ``error:`` line, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
@@ -52,11 +56,13 @@ def _add_quantize(sub) -> None:
         description="Replace every MatMul/Gemm/FusedMatMul whose weight is a constant with a weight-only quantized "
         "node (com.microsoft MatMulNBits by default) and every Gather of a constant table with "
         "com.microsoft GatherBlockQuantized; each tensor is quantized once, whatever reads it. The input is never modified; OUTPUT appears only if the whole "
-        "job succeeds (external data is written as OUTPUT.data when the input had it or the result is over 2 GB).",
+        "job succeeds (external data is written as OUTPUT.<id>.data when the input had it or the result is over 2 GB).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("input", metavar="INPUT", help="ONNX model to quantize")
-    p.add_argument("output", metavar="OUTPUT", help="where to write the quantized model")
+    p.add_argument("input", metavar="INPUT", help="ONNX model to quantize, or a model folder (one .onnx plus "
+                   "side files such as genai_config.json and tokenizer files)")
+    p.add_argument("output", metavar="OUTPUT", help="where to write the quantized model (for a folder INPUT: "
+                   "a new folder, which gets the model under the same name and copies of the side files)")
     p.add_argument("--bits", type=int, choices=(2, 4, 8), default=d.bits, help="bits per weight")
     p.add_argument("--block-size", type=_block_size, default=d.block_size,
                    help="values per block along K: a power of two >= 16, or -1 for one block per column")
@@ -94,22 +100,34 @@ def _add_quantize(sub) -> None:
     p.add_argument("--min-k", type=_positive_int, default=d.min_k, help="leave weights with fewer input channels")
     p.add_argument("--calibration", metavar="FILE.npz",
                    help="calibration inputs for imatrix/gptq/awq: arrays keyed by model input name, batch along axis 0")
+    p.add_argument("--calibration-text", metavar="FILE",
+                   help="calibration from UTF-8 text for imatrix/gptq/awq: tokenized, cut into windows of "
+                   "--calibration-seq-len tokens, one window per batch (needs pip install 'ort-wq[llm]')")
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json for --calibration-text "
+                   "(default: tokenizer.json beside the model)")
+    p.add_argument("--calibration-seq-len", type=_positive_int, default=512, metavar="N",
+                   help="tokens per calibration window of --calibration-text")
     p.add_argument("--calibration-batches", type=_positive_int, default=None, metavar="N",
-                   help="use at most N batches of the calibration file")
+                   help="use at most N batches of the calibration file or windows of the text")
     p.add_argument("--calibration-batch-size", type=_positive_int, default=8, metavar="B",
                    help="rows of the calibration file per batch")
     p.add_argument("--threads", type=_positive_int, default=None, help="worker threads (default: all cores)")
+    p.add_argument("--report-json", metavar="FILE", help="also write the report as JSON (schema in the README)")
     p.add_argument("--verbose", action="store_true", help="list every skipped node")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     p.set_defaults(run=_run_quantize)
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .algorithms import list_algorithms
     from .config import NodeOverride, WeightOnlyConfig, parse_option
     from .model_io import load_model
-    from .quantize import _same_file, quantize
+    from .output_files import same_file
+    from .quantize import quantize
 
-    if _same_file(args.input, args.output):
+    if os.path.isfile(args.input) and same_file(Path(args.input), Path(args.output)):
         raise UsageError(f"OUTPUT {args.output!r} is the input model; choose another path")
     try:
         overrides = [NodeOverride.parse(o) for o in args.override]
@@ -123,17 +141,36 @@ def _run_quantize(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    load_model(args.input)  # bad input files fail here, before any work
+    from .folders import resolve
+
+    load_model(resolve(args.input))  # bad input files fail here, before any work
+    needs_calibration = list_algorithms()[args.algorithm]
     calibration = None
-    if args.calibration:
+    if args.calibration and args.calibration_text:
+        raise UsageError("give --calibration FILE.npz or --calibration-text FILE, not both")
+    given = args.calibration or args.calibration_text
+    if given and not needs_calibration:
+        print(f"ort-wq quantize: note: --algorithm {args.algorithm} does not use calibration data; "
+              f"{given} is ignored (gptq and awq use it)", file=sys.stderr)
+    elif args.calibration:
         from .algorithms.calibration import npz_batches
 
         calibration = npz_batches(args.calibration, args.calibration_batch_size, args.calibration_batches)
-    elif args.algorithm in ("gptq", "awq"):
-        raise UsageError(f"--algorithm {args.algorithm} needs --calibration FILE.npz")
+    elif args.calibration_text:
+        from .text import CalibrationText, default_tokenizer, load_tokenizer
+
+        calibration = CalibrationText(args.calibration_text, args.tokenizer or default_tokenizer(args.input),
+                                      args.calibration_seq_len, args.calibration_batches)
+        load_tokenizer(calibration.tokenizer)  # a missing package or file fails before any work
+    elif needs_calibration:
+        raise UsageError(f"--algorithm {args.algorithm} needs --calibration FILE.npz or --calibration-text FILE")
     start = time.perf_counter()
     _, report = quantize(args.input, config, output=args.output, calibration=calibration,
                          progress=not args.quiet and sys.stderr.isatty(), return_report=True)
+    if args.report_json:
+        from .report_json import quantize_report, write_report
+
+        write_report(args.report_json, quantize_report(report, input=args.input, output=args.output, config=config))
     if not args.quiet:
         print(report.to_text(verbose=args.verbose))
         print(f"wrote {args.output} in {time.perf_counter() - start:.2f} s")
@@ -145,14 +182,23 @@ def _add_inspect(sub) -> None:
                        description="List every MatMul/Gemm/FusedMatMul/Gather with its weight shape and whether "
                        "'ort-wq quantize' with default settings converts it (and why not), every already quantized "
                        "node with its settings, and the model's initializer bytes by the ops that read them.")
-    p.add_argument("model", metavar="MODEL", help="ONNX model")
+    p.add_argument("model", metavar="MODEL", help="ONNX model or model folder")
+    p.add_argument("--report-json", metavar="FILE", help="also write the rows as JSON (schema in the README)")
     p.set_defaults(run=_run_inspect)
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
+    from .folders import resolve
     from .inspect import inspect_model
 
-    print(inspect_model(args.model))
+    path = resolve(args.model)
+    print(inspect_model(path))
+    if args.report_json:
+        from .inspect import inspect_rows
+        from .model_io import load_model
+        from .report_json import inspect_report, write_report
+
+        write_report(args.report_json, inspect_report(inspect_rows(load_model(path)), model=args.model))
     return EXIT_OK
 
 
@@ -166,6 +212,17 @@ def _add_validate(sub) -> None:
                        "exit 0 within thresholds, 1 outside, 2 on bad input.")
     add_validate_arguments(p)
     p.set_defaults(run=run_validate_command)
+
+
+def _add_eval(sub) -> None:
+    from .evaluate import add_eval_arguments, run_eval_command
+
+    p = sub.add_parser("eval", help="perplexity and KL divergence of a quantized language model on a text",
+                       description="Score ORIGINAL and QUANTIZED on the same windows of a text: perplexity of "
+                       "both, mean KL(original || quantized) of the next-token distributions and top-1 agreement, "
+                       "per window and overall. Models may be files or model folders.")
+    add_eval_arguments(p)
+    p.set_defaults(run=run_eval_command)
 
 
 def _add_demo(sub) -> None:
@@ -191,15 +248,44 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ort-wq",
         description="Weight-only quantization (2/4/8-bit, block-wise) of ONNX models for onnxruntime.",
         epilog="Run 'ort-wq COMMAND --help' for a command's options. Exit codes: 0 ok, 1 validation failed, "
-        "2 bad usage or input.",
+        "2 bad usage or input, 130 / 143 stopped by Ctrl-C / SIGTERM (nothing written).",
     )
     parser.add_argument("--version", action="version", version=f"ort-wq {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_quantize(sub)
     _add_inspect(sub)
     _add_validate(sub)
+    _add_eval(sub)
     _add_demo(sub)
     return parser
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the job stops and its temporary files are removed."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+# errors of the user's files and folders (exit 2), as opposed to faults of ort-wq (exit 1)
+_USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ENOSPC,
+                getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def _line(exc: BaseException) -> str:
+    from .model_io import first_line
+
+    return first_line(exc)
+
+
+def _silence_stdout() -> None:
+    """After the reader of stdout went away (``| head``): drop further output instead of raising at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (tests capture stdout)
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -208,28 +294,65 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return EXIT_USAGE
-    from .model_io import ModelInputError
+    in_main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+    try:
+        return _dispatch(args)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    def error(text: str, code: int) -> int:
+        print(f"ort-wq {args.command}: {text}", file=sys.stderr)
+        return code
 
     try:
-        return int(args.run(args))
-    except (UsageError, ModelInputError, FileNotFoundError) as exc:
-        print(f"ort-wq {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ValueError as exc:  # invalid settings or input data found while working
-        print(f"ort-wq {args.command}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"ort-wq {args.command}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        code = int(args.run(args))
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141  # like any tool whose reader closed the pipe (128 + SIGPIPE)
+    except (UsageError, ValueError) as exc:  # ModelInputError and invalid settings or input data
+        return error(f"error: {_line(exc)}", EXIT_USAGE)
+    except OSError as exc:
+        if exc.errno not in _USER_ERRNOS:
+            return _internal(args, exc)
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) not in str(exc.strerror) else ""
+        return error(f"error: {exc.strerror or _line(exc)}{where}; nothing was written", EXIT_USAGE)
+    except KeyboardInterrupt as exc:
+        what = "the output was written" if getattr(exc, "output_written", False) else "nothing was written"
+        return error(f"{'terminated' if isinstance(exc, Terminated) else 'interrupted'}; {what}",
+                     143 if isinstance(exc, Terminated) else 130)
     except MemoryError:
-        print(f"ort-wq {args.command}: error: out of memory; nothing was written", file=sys.stderr)
-        return EXIT_FAILED
-    except Exception as exc:
-        if os.environ.get("ORT_WQ_DEBUG"):
-            raise
-        print(f"ort-wq {args.command}: error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-              "(nothing was written; set ORT_WQ_DEBUG=1 for the traceback)", file=sys.stderr)
-        return EXIT_FAILED
+        return error("error: out of memory; nothing was written", EXIT_FAILED)
+    except Exception as exc:  # noqa: BLE001
+        cause = _user_cause(exc)
+        if cause is not None:  # a worker's bad input, wrapped with what it was working on
+            return error(f"error: {_line(exc)}", EXIT_USAGE)
+        return _internal(args, exc)
+
+
+def _user_cause(exc: BaseException) -> BaseException | None:
+    """The ``ValueError`` or file-system error behind a wrapped exception (``raise ... from``), if any."""
+    seen = set()
+    cause = exc.__cause__
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ValueError) or (isinstance(cause, OSError) and cause.errno in _USER_ERRNOS):
+            return cause
+        cause = cause.__cause__
+    return None
+
+
+def _internal(args: argparse.Namespace, exc: BaseException) -> int:
+    if os.environ.get("ORT_WQ_DEBUG"):
+        raise exc
+    print(f"ort-wq {args.command}: error: {type(exc).__name__}: {_line(exc)} "
+          "(nothing was written; set ORT_WQ_DEBUG=1 for the traceback)", file=sys.stderr)
+    return EXIT_FAILED
 
 
 if __name__ == "__main__":  # pragma: no cover

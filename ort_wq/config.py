@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -56,6 +55,10 @@ class NodeOverride:
         if "=" not in text:
             raise ValueError(f"override {text!r} must look like REGEX=bits:8,block:128 (or REGEX=skip)")
         pattern, _, spec = text.rpartition("=")
+        if not pattern:
+            raise ValueError(f"override {text!r} has no REGEX before '='; to change every node use --bits/--block-size")
+        if not spec.strip(" ,"):
+            raise ValueError(f"override {text!r} sets nothing; give bits:N, block:N, sym, asym or skip after '='")
         out = cls(pattern)
         for item in filter(None, (s.strip() for s in spec.split(","))):
             key, _, value = item.partition(":")
@@ -153,17 +156,12 @@ class WeightOnlyConfig:
                 o.bits or self.bits, o.block_size or self.block_size,
                 self.symmetric if o.symmetric is None else o.symmetric, f" (override {o.pattern!r})",
             )
-        from .algorithms import get_algorithm, list_algorithms
+        from .algorithms import list_algorithms
+        from .algorithms.base import check_options
 
         if self.algorithm not in list_algorithms():
             raise ValueError(f"algorithm={self.algorithm!r} is not known; use one of {sorted(list_algorithms())}")
-        if self.algorithm_options:
-            params = inspect.signature(get_algorithm(self.algorithm)[0]).parameters
-            allowed = sorted(n for n, p in params.items() if p.kind == p.KEYWORD_ONLY)
-            unknown = sorted(set(self.algorithm_options) - set(allowed))
-            if unknown:
-                raise ValueError(f"algorithm {self.algorithm!r} has no option {', '.join(unknown)}; "
-                                 f"its options: {', '.join(allowed) or 'none'}")
+        check_options(self.algorithm, self.algorithm_options)
 
     def _check_spec(self, bits: int, block_size: int, symmetric: bool, where: str) -> None:
         allowed = BITS_BY_FORMAT[self.format]

@@ -1,16 +1,17 @@
 """Loading and saving models: clear errors for bad files, external data, atomic writes.
 
 Models are loaded with onnx_ir, which memory-maps external data, so a weight is read only when
-it is used. Saving writes into a temporary folder beside the destination and moves the files
-into place only when everything was written: a failure leaves no output behind.
+it is used. Loading refuses what onnxruntime would refuse or read differently: external data
+outside the model's folder (checked on the path's text first, so nothing outside is touched),
+data shorter or longer than a tensor's shape, duplicate initializer names. Saving goes through
+:mod:`ort_wq.output_files`: the output path names the old or the new complete model at every
+instant.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -63,21 +64,105 @@ def first_line(exc: BaseException) -> str:
 
 
 def _check_external_files(proto: onnx.ModelProto, base: Path, where: str) -> None:
-    """Every external-data file a tensor points at exists and is long enough."""
-    needed: dict[str, int] = {}
+    """Tensors agree with their data; external data stays in the model's folder and is long enough.
+
+    A location outside the folder is refused before the file is touched, so nothing about it
+    (not even its existence) is disclosed. Duplicate initializer names are refused: onnxruntime
+    and onnx_ir would each pick a different copy.
+    """
+    _check_unique_initializers(proto.graph, where)
+    needed: dict[str, tuple[int, str]] = {}
     for tensor in _all_tensors(proto.graph):
+        size = _tensor_nbytes(tensor)
+        name = tensor.name or "<unnamed>"
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            _check_inline_data(tensor, size, where)
             continue
         info = {e.key: e.value for e in tensor.external_data}
         loc = info.get("location", "")
-        end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
-        needed[loc] = max(needed.get(loc, 0), end)
-    for loc, end in needed.items():
+        if not _inside_folder(loc):
+            raise ModelInputError(f"{where}: tensor {name!r} points at external data {loc!r} outside the model's "
+                                  "folder; data files must sit in the model's folder (onnxruntime refuses this too)")
+        try:
+            offset, length = int(info.get("offset", 0) or 0), info.get("length")
+            length = None if length in (None, "") else int(length)
+        except ValueError:
+            raise ModelInputError(f"{where}: tensor {name!r} has an unreadable external-data offset or length") from None
+        if size is not None and length is not None and length != size:
+            raise ModelInputError(f"{where}: tensor {name!r} declares {length} bytes of external data but its shape "
+                                  f"{list(tensor.dims)} needs {size}; the model is inconsistent, re-export it")
+        end = offset + (size if size is not None else (length or 0))
+        if needed.get(loc, (0, ""))[0] < end:
+            needed[loc] = (end, name)
+    real_base = base.resolve()
+    for loc, (end, name) in needed.items():
         f = base / loc
+        if not f.resolve().is_relative_to(real_base):
+            raise ModelInputError(f"{where}: external data file {loc!r} links outside the model's folder; "
+                                  "copy the data file beside the model")
         if not f.is_file():
             raise ModelInputError(f"{where}: external data file {loc!r} is missing (expected at {f}); keep it beside the model")
-        if end and f.stat().st_size < end:
-            raise ModelInputError(f"{where}: external data file {loc!r} is truncated ({f.stat().st_size} bytes, needs {end})")
+        st = f.stat()
+        if st.st_nlink > 1:
+            raise ModelInputError(f"{where}: external data file {loc!r} has {st.st_nlink} hard links, which onnx "
+                                  "refuses to read (a guard against link attacks); use a copy of it")
+        have = st.st_size
+        if end and have < end:
+            raise ModelInputError(f"{where}: external data file {loc!r} is truncated ({have} bytes, tensor {name!r} "
+                                  f"needs {end})")
+
+
+def _inside_folder(location: str) -> bool:
+    """A relative location that stays in the model's folder (checked on the text alone)."""
+    if not location or "\0" in location or os.path.isabs(location) or location.startswith(("/", "\\")):
+        return False
+    if len(location) > 1 and location[1] == ":" and location[0].isalpha():  # a Windows drive
+        return False
+    parts = Path(os.path.normpath(location.replace("\\", "/"))).parts
+    return bool(parts) and parts[0] != ".."
+
+
+def _tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes the tensor's shape and type need (``None`` for strings and unknown types)."""
+    try:
+        bits = ir.DataType(tensor.data_type).bitwidth
+    except (TypeError, ValueError):
+        return None
+    numel = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+    return (numel * bits + 7) // 8
+
+
+_TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+
+
+def _check_inline_data(tensor: onnx.TensorProto, size: int | None, where: str) -> None:
+    if size is None or tensor.data_type == onnx.TensorProto.STRING:
+        return
+    name = tensor.name or "<unnamed>"
+    if tensor.HasField("raw_data"):
+        if len(tensor.raw_data) != size:
+            raise ModelInputError(f"{where}: tensor {name!r} has {len(tensor.raw_data)} bytes of data but its shape "
+                                  f"{list(tensor.dims)} needs {size}; the model is inconsistent, re-export it")
+        return
+    count = next((len(getattr(tensor, f)) for f in _TYPED_FIELDS if len(getattr(tensor, f))), 0)
+    numel = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+    per_value = {onnx.TensorProto.COMPLEX64: 2, onnx.TensorProto.COMPLEX128: 2}.get(tensor.data_type, 1)
+    if count and ir.DataType(tensor.data_type).bitwidth >= 8 and count != numel * per_value:
+        raise ModelInputError(f"{where}: tensor {name!r} has {count} values but its shape {list(tensor.dims)} "
+                              f"holds {numel}; the model is inconsistent, re-export it")
+
+
+def _check_unique_initializers(graph: onnx.GraphProto, where: str) -> None:
+    seen: set[str] = set()
+    for init in graph.initializer:
+        if init.name in seen:
+            raise ModelInputError(f"{where}: initializer {init.name!r} is defined twice in graph {graph.name!r}; "
+                                  "onnxruntime would use one copy and ort-wq another: remove the duplicate")
+        seen.add(init.name)
+    for node in graph.node:
+        for attr in node.attribute:
+            for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                _check_unique_initializers(g, where)
 
 
 def _all_tensors(graph: onnx.GraphProto):
@@ -134,119 +219,21 @@ def model_nbytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-class ExternalDataSink:
-    """Appends tensors to one external-data file as they are produced (thread-safe).
-
-    Each ``put`` writes the bytes at a 64-byte aligned offset and returns an ``ir.ExternalTensor``
-    pointing at them, so the data leaves memory as soon as it is computed.
-    """
-
-    ALIGN = 64
-
-    def __init__(self, folder: Path, name: str) -> None:
-        self.folder, self.name = folder, name
-        self._file = open(folder / name, "wb")  # noqa: SIM115 - closed by close()
-        self._offset = 0
-        self._lock = threading.Lock()
-
-    def put(self, name: str, array: np.ndarray) -> ir.ExternalTensor:
-        data = np.ascontiguousarray(array)
-        tensor = ir.Tensor(data, name=name)
-        raw = tensor.tobytes()
-        with self._lock:
-            pad = -self._offset % self.ALIGN
-            if pad:
-                self._file.write(b"\0" * pad)
-            offset = self._offset + pad
-            self._file.write(raw)
-            self._offset = offset + len(raw)
-        return ir.ExternalTensor(self.name, offset, len(raw), tensor.dtype, shape=tensor.shape, name=name,
-                                 base_dir=str(self.folder))
-
-    def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-
-
-class AtomicModelWriter:
-    """Writes a model into a temporary folder beside ``path``; files move into place only in ``finish``.
-
-    With ``external_data``, :attr:`sink` streams tensors to ``<name>.data`` while the model is being
-    built; ``finish`` moves the initializers still held in memory or in other files there too.
-    Used as a context manager: leaving it without ``finish`` (an error) removes everything.
-    """
-
-    def __init__(self, path: str | os.PathLike, external_data: bool) -> None:
-        self.dest = Path(path)
-        if self.dest.is_dir():
-            raise ModelInputError(f"{self.dest}: is a folder; give a file name for the output model")
-        self.parent = self.dest.parent if str(self.dest.parent) else Path(".")
-        if not self.parent.exists():
-            raise ModelInputError(f"{self.parent}: output folder does not exist")
-        self.external_data = external_data
-        self.data_path = self.parent / (self.dest.name + ".data")
-        self.tmp: Path | None = None
-        self.sink: ExternalDataSink | None = None
-
-    def check_inputs(self, model: ir.Model) -> None:
-        """Refuse an output whose files would replace a file the model reads its weights from."""
-        if self.external_data and self.data_path.resolve() in external_files(model):
-            raise ModelInputError(
-                f"{self.data_path} holds the input's weights and would be overwritten; choose another output name"
-            )
-
-    def __enter__(self) -> AtomicModelWriter:
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", suffix=".tmp", dir=self.parent))
-        if self.external_data:
-            self.sink = ExternalDataSink(self.tmp, self.dest.name + ".data")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.sink is not None:
-            self.sink.close()
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def finish(self, model: ir.Model) -> list[Path]:
-        """Write the graph (and the remaining tensors), then rename the files into place."""
-        assert self.tmp is not None, "use AtomicModelWriter as a context manager"
-        written = []
-        sink = self.sink
-        for graph in (model.graph, *model.graph.subgraphs()):
-            for value in graph.initializers.values():
-                t = value.const_value
-                if t is None or (sink is not None and isinstance(t, ir.ExternalTensor) and Path(t.base_dir) == sink.folder):
-                    continue
-                if sink is not None and t.nbytes >= 1024:
-                    value.const_value = sink.put(value.name, t.numpy())
-                elif isinstance(t, ir.ExternalTensor):  # another file's data: the output must not depend on it
-                    value.const_value = ir.Tensor(np.array(t.numpy()), name=value.name)
-                else:
-                    continue
-                release(t)
-        if sink is not None:
-            sink.close()
-            ir.save(model, self.tmp / self.dest.name)
-            os.replace(self.tmp / sink.name, self.parent / sink.name)
-            written.append(self.parent / sink.name)
-            ir.external_data.set_base_dir(model.graph, str(self.parent))
-        else:
-            ir.save(model, self.tmp / self.dest.name)
-        os.replace(self.tmp / self.dest.name, self.dest)
-        written.append(self.dest)
-        return written
-
-
-def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> list[Path]:
+def save_model(
+    model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None, durable: bool = True
+) -> list[Path]:
     """Save ``model`` to ``path`` atomically; returns the files written.
 
-    ``external_data=None`` writes external data (``<name>.data``) when the model had it or is too
-    large for one protobuf. Files are written in a temporary folder beside ``path`` and renamed
-    into place only after the whole save succeeded.
+    ``external_data=None`` writes external data (``<name>.<token>.data``, a name of its own for
+    each write) when the model had it or is too large for one protobuf. ``path`` names the old
+    model or the complete new one at every instant (see :mod:`ort_wq.output_files`);
+    ``durable=False`` skips the fsyncs that make this hold across a power loss (throw-away copies).
     """
+    from .output_files import AtomicModelWriter
+
     if external_data is None:
         external_data = has_external_data(model) or model_nbytes(model) >= PROTO_LIMIT
-    with AtomicModelWriter(path, external_data) as writer:
+    with AtomicModelWriter(path, external_data, durable=durable) as writer:
         writer.check_inputs(model)
         return writer.finish(model)
 
@@ -257,7 +244,7 @@ def _tensors(model: ir.Model) -> list[ir.TensorProtocol]:
 
 
 def inference_session(
-    model: ir.Model, sess_options: Any = None, providers: list[str] | None = None
+    model: ir.Model, sess_options: Any = None, providers: list[str] | None = None, *, outputs: list[str] | None = None
 ) -> Any:
     """An onnxruntime session for an in-memory ``ir.Model``, external data included.
 
@@ -265,6 +252,9 @@ def inference_session(
     live in (``session.model_external_initializers_file_folder_path``), so nothing is copied. A
     model whose in-memory tensors would exceed the 2 GB protobuf limit (or whose external data
     lives in several folders) is saved to a temporary folder first. ``sess_options`` is modified.
+    ``outputs``: the session computes only these values of the main graph: they become its
+    outputs, and nodes and initializers they do not depend on are left out (onnxruntime itself
+    runs every node, e.g. an LLM's output head, even when its result is not fetched).
     """
     import onnxruntime as ort
 
@@ -275,10 +265,56 @@ def inference_session(
     in_memory = sum(t.nbytes for t in tensors if not isinstance(t, ir.ExternalTensor))
     if len(folders) <= 1 and in_memory < PROTO_LIMIT:
         proto: onnx.ModelProto = ir.serde.serialize_model(model)
+        if outputs is not None:
+            _keep_only(proto.graph, outputs)
         if folders:
             so.add_session_config_entry("session.model_external_initializers_file_folder_path", folders.pop())
         return ort.InferenceSession(proto.SerializeToString(), so, providers=providers)
     with tempfile.TemporaryDirectory(prefix="ort_wq_", ignore_cleanup_errors=True) as tmp:
         path = Path(tmp) / "model.onnx"
-        save_model(model, path, external_data=True)
+        save_model(model, path, external_data=True, durable=False)
+        if outputs is not None:
+            proto = onnx.load(str(path), load_external_data=False)
+            _keep_only(proto.graph, outputs)
+            onnx.save(proto, str(path))
         return ort.InferenceSession(str(path), so, providers=providers)
+
+
+def _keep_only(graph: onnx.GraphProto, outputs: list[str]) -> None:
+    """Make ``outputs`` the graph's outputs and drop the nodes and initializers they do not need."""
+    known = {v.name: v for v in [*graph.input, *graph.value_info, *graph.output]}
+    needed, keep = set(outputs), []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+            needed.update(_subgraph_reads(node))
+    keep.reverse()
+    del graph.node[:]
+    graph.node.extend(keep)
+    inits = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    del graph.output[:]
+    graph.output.extend(known[n] if n in known else onnx.ValueInfoProto(name=n) for n in outputs)
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Every name read inside the node's subgraphs (outer-scope values among them)."""
+    out: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            for n in g.node:
+                out.update(i for i in n.input if i)
+                out.update(_subgraph_reads(n))
+    return out
+
+
+def __getattr__(name: str) -> Any:
+    """``AtomicModelWriter`` and ``ExternalDataSink`` moved to :mod:`ort_wq.output_files`."""
+    if name in ("AtomicModelWriter", "ExternalDataSink"):
+        from . import output_files
+
+        return getattr(output_files, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,7 +10,8 @@ import onnx
 import onnx_ir as ir
 
 from .config import WeightOnlyConfig
-from .model_io import PROTO_LIMIT, AtomicModelWriter, ModelInputError, as_ir_model, has_external_data, model_nbytes
+from .model_io import PROTO_LIMIT, ModelInputError, as_ir_model, has_external_data, model_nbytes
+from .output_files import AtomicModelWriter, same_file
 from .report import QuantReport
 
 
@@ -30,15 +31,22 @@ def quantize(
     (modified in place and returned) or a path (then ``output`` is required and the output path
     is returned; the input file is never modified). With ``output`` the result is saved
     atomically, with external data when the input had it or the result exceeds 2 GB.
-    ``calibration``: for algorithms that need it, an onnxruntime ``CalibrationDataReader`` or a
-    list of input dicts. ``return_report=True`` returns ``(result, QuantReport)``.
+    A folder path (one ``.onnx`` plus side files such as ``genai_config.json`` and tokenizer
+    files) gives a folder ``output``: the model under the same name and copies of the side files.
+    ``calibration``: for algorithms that need it, an onnxruntime ``CalibrationDataReader``, a
+    list of input dicts or an :class:`ort_wq.CalibrationText`. ``return_report=True`` returns ``(result, QuantReport)``.
     """
     config = config or WeightOnlyConfig()
     config.validate()
+    if isinstance(model, (str, os.PathLike)) and Path(model).is_dir():
+        from .folders import quantize_folder
+
+        return quantize_folder(model, output, config, calibration=calibration, progress=progress,
+                               return_report=return_report)
     if isinstance(model, (str, os.PathLike)):
         if output is None:
             raise ModelInputError("quantize(path) needs output=...: the input file is never modified")
-        if _same_file(model, output):
+        if same_file(Path(model), Path(output)):
             raise ModelInputError(f"output {os.fspath(output)!r} is the input model; choose another path")
     ir_model, kind = as_ir_model(model)
     before = model_nbytes(ir_model)
@@ -51,7 +59,8 @@ def quantize(
             raise ValueError(f"algorithm {config.algorithm!r} needs calibration data (calibration=...)")
         from .algorithms.calibration import collect_stats
 
-        stats = collect_stats(ir_model, calibration, config, progress=progress)
+        stats = collect_stats(ir_model, calibration, config, progress=progress,
+                              model_path=model if kind == "path" else None)
     from .transforms import WeightOnlyQuantPass
 
     def run(sink=None) -> QuantReport:
@@ -64,7 +73,7 @@ def quantize(
     else:
         # with external data, quantized tensors stream to disk as they are finished
         with AtomicModelWriter(output, external) as writer:
-            writer.check_inputs(ir_model)
+            writer.check_inputs(ir_model, source=model if kind == "path" else None)
             report = run(writer.sink)
             writer.finish(ir_model)
     report.model_bytes_before = before
@@ -77,16 +86,6 @@ def quantize(
     else:
         result = ir_model
     return (result, report) if return_report else result
-
-
-def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    pa, pb = Path(a), Path(b)
-    if pa.resolve() == pb.resolve():
-        return True
-    try:
-        return pb.exists() and os.path.samefile(pa, pb)
-    except OSError:
-        return False
 
 
 __all__ = ["quantize"]

@@ -109,17 +109,22 @@ def test_bad_usage_exit_2(capsys):
 
 
 def test_failure_midway_leaves_no_output(model_file, tmp_path, capsys, monkeypatch):
-    from ort_wq.transforms import emit_nbits
+    """The failure comes after the whole model was written (to the temporary folder): nothing appears."""
+    import onnx_ir as ir
 
-    def broken(*a, **k):
+    real_save, saved = ir.save, []
+
+    def save_then_fail(model, path, *a, **k):
+        real_save(model, path, *a, **k)
+        saved.append(path)
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(emit_nbits, "pack", broken)
+    monkeypatch.setattr(ir, "save", save_then_fail)
     src, _ = model_file
     out = tmp_path / "out.onnx"
     assert main(["quantize", str(src), str(out)]) == 1
-    assert "disk on fire" in _err(capsys)
-    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert saved and "disk on fire" in _err(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
 def test_inspect(model_file, tmp_path, capsys):

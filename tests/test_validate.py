@@ -203,7 +203,7 @@ def test_external_data_models(tmp_path):
         folder = tmp_path / name
         folder.mkdir()
         save_model(ir.serde.deserialize_model(model), folder / "model.onnx", external_data=True)
-        assert (folder / "model.onnx.data").stat().st_size > 1000
+        assert next(folder.glob("model.onnx.*.data")).stat().st_size > 1000
         paths.append(folder / "model.onnx")
     by_path = validate(*paths, reference=True)
     assert by_path.passed() and all(n.ok for n in by_path.nodes)
@@ -240,7 +240,7 @@ def test_cli_exit_codes(tmp_path, capsys):
         ((tmp_path / "missing.onnx", good), "missing.onnx: no such file"),
         ((o, good, "--inputs", tmp_path / "wrong.npz"), "missing 'ids'; unexpected 'input_ids'"),
         ((o, good, "--inputs", tmp_path / "nope.npz"), "nope.npz: no such file"),
-        ((o, good, "--inputs", o), "cannot read it as a .npz archive"),
+        ((o, good, "--inputs", o), "not a .npz archive"),
         ((o, good, "--max-rel-error", "-1"), "--max-rel-error must be >= 0"),
     ):
         assert cli(*argv) == 2

@@ -45,7 +45,7 @@ from ._common import (
     rtn_dequant,
     search_clip,
 )
-from .base import LayerStats, QuantizedWeight, QuantSpec, register
+from .base import LayerStats, OptionSpec, QuantizedWeight, QuantSpec, register
 
 NOT_FOLDABLE_NOTE = "input scaling not foldable: clip search only"
 
@@ -84,7 +84,9 @@ def search_input_scale(
     return best[0], best[1], best[2], err0
 
 
-@register("awq", needs_calibration=True)
+@register("awq", needs_calibration=True, options={
+    "allow_input_scale": OptionSpec(bool), "grid": OptionSpec(int, min=1), "clip": OptionSpec(bool), "clip_grid": OptionSpec(int, min=1),
+    "min_ratio": OptionSpec(float, min=0, min_open=True, max=1), "max_search_columns": OptionSpec(int, min=1)})
 def awq(
     w: np.ndarray,
     spec: QuantSpec,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -74,12 +77,17 @@ class QuantizedWeight:
         return deq.reshape(self.n, -1)[:, : self.k].T
 
 
+_STATS_BLOCK = 1024  # rows of X^T X per matrix product in LayerStats.update
+
+
 @dataclass
 class LayerStats:
     """Calibration statistics of one MatMul's input activation ``X[..., K]``.
 
-    ``xtx`` is ``sum(X^T X)`` over all rows seen (float64 ``[K, K]``), ``abs_sum`` the sum of
-    ``|X|`` per channel, ``rows`` the number of rows; accumulated batch by batch.
+    ``xtx`` is ``sum(X^T X)`` over all rows seen (``[K, K]``, float32 when accumulated here: half
+    the memory of float64, which matters with one such matrix per activation of an LLM),
+    ``abs_sum`` the sum of ``|X|`` per channel (float64), ``rows`` the number of rows;
+    accumulated batch by batch.
     """
 
     k: int
@@ -88,17 +96,25 @@ class LayerStats:
     rows: int = 0
 
     def update(self, x: np.ndarray) -> None:
+        """Add a batch: only the block upper triangle of ``X^T X`` is computed (half the
+        arithmetic), in products of ``_STATS_BLOCK`` rows, then mirrored."""
         x2 = np.asarray(x, dtype=np.float32).reshape(-1, self.k)
         if self.xtx is None:
-            self.xtx = np.zeros((self.k, self.k), dtype=np.float64)
+            self.xtx = np.zeros((self.k, self.k), dtype=np.float32)
             self.abs_sum = np.zeros(self.k, dtype=np.float64)
-        self.xtx += (x2.T @ x2).astype(np.float64)
+        k, b = self.k, _STATS_BLOCK
+        for j0 in range(0, k, b):
+            j1 = min(j0 + b, k)
+            self.xtx[j0:j1, j0:] += x2[:, j0:j1].T @ x2[:, j0:]
+        for j0 in range(0, k, b):
+            j1 = min(j0 + b, k)
+            self.xtx[j1:, j0:j1] = self.xtx[j0:j1, j1:].T
         self.abs_sum += np.abs(x2).sum(axis=0, dtype=np.float64)
         self.rows += x2.shape[0]
 
     @property
     def hessian(self) -> np.ndarray:
-        """Mean ``X^T X`` (float64 ``[K, K]``)."""
+        """Mean ``X^T X`` (``[K, K]``, the dtype of ``xtx``)."""
         if self.xtx is None or self.rows == 0:
             raise ValueError("no calibration data was accumulated for this layer")
         return self.xtx / self.rows
@@ -110,26 +126,93 @@ class LayerStats:
         return self.abs_sum / self.rows
 
 
+@dataclass(frozen=True)
+class OptionSpec:
+    """The type and range of one algorithm option (a keyword-only parameter of the algorithm).
+
+    ``type``: ``int``, ``float``, ``bool`` or ``str``; ``min`` / ``max`` bound numbers (``min_open``:
+    ``min`` itself is excluded); ``choices`` lists the allowed strings.
+    """
+
+    type: type
+    min: float | None = None
+    max: float | None = None
+    min_open: bool = False
+    choices: tuple[str, ...] = ()
+
+    def check(self, where: str, value: Any) -> None:
+        """``ValueError`` (one line, naming ``where`` and what is allowed) unless ``value`` fits."""
+        kind = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}[self.type]
+        ok = isinstance(value, self.type) and not (self.type is not bool and isinstance(value, bool))
+        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok or (self.type is float and not math.isfinite(value)):
+            raise ValueError(f"{where}={value!r} is not valid: it takes {kind}{self._range()}")
+        if self.choices and value not in self.choices:
+            raise ValueError(f"{where}={value!r} is not valid; use one of {', '.join(self.choices)}")
+        low_bad = self.min is not None and (value <= self.min if self.min_open else value < self.min)
+        if low_bad or (self.max is not None and value > self.max):
+            raise ValueError(f"{where}={value!r} is out of range: it takes {kind}{self._range()}")
+
+    def _range(self) -> str:
+        if self.type not in (int, float):
+            return f" ({', '.join(self.choices)})" if self.choices else ""
+        low = "" if self.min is None else f"{'>' if self.min_open else '>='} {self.min:g}"
+        high = "" if self.max is None else f"<= {self.max:g}"
+        return f" {' and '.join(p for p in (low, high) if p)}" if low or high else ""
+
+
 Algorithm = Callable[[np.ndarray, QuantSpec, "LayerStats | None"], QuantizedWeight]
 _REGISTRY: dict[str, tuple[Algorithm, bool]] = {}
 _FLOAT_ZERO_POINTS: set[str] = set()
+_OPTIONS: dict[str, dict[str, OptionSpec]] = {}
+_INTERNAL_OPTIONS: tuple[str, ...] = ()  # set by the transform only (awq's allow_input_scale is a user option too)
 
 
-def register(name: str, needs_calibration: bool = False, float_zero_points: bool = False) -> Callable[[Algorithm], Algorithm]:
+def register(
+    name: str,
+    needs_calibration: bool = False,
+    float_zero_points: bool = False,
+    options: dict[str, OptionSpec] | None = None,
+) -> Callable[[Algorithm], Algorithm]:
     """Decorator: register ``fn(w[K, N], spec, stats) -> QuantizedWeight`` under ``name``.
 
     ``float_zero_points``: the algorithm returns float zero points for asymmetric weights when
     ``spec.float_zero_points`` allows it (the transform lays out the initializers accordingly);
-    others always return uint8 zero points.
+    others always return uint8 zero points. ``options``: an :class:`OptionSpec` per keyword-only
+    parameter users may set, checked by :func:`check_options` before any work starts.
     """
 
     def deco(fn: Algorithm) -> Algorithm:
+        unknown = set(options or {}) - set(_keyword_options(fn))
+        if unknown:
+            raise TypeError(f"algorithm {name!r}: options {sorted(unknown)} are not keyword-only parameters")
         _REGISTRY[name] = (fn, needs_calibration)
+        _OPTIONS[name] = dict(options or {})
         if float_zero_points:
             _FLOAT_ZERO_POINTS.add(name)
         return fn
 
     return deco
+
+
+def _keyword_options(fn: Algorithm) -> list[str]:
+    params = inspect.signature(fn).parameters
+    return sorted(n for n, p in params.items() if p.kind == p.KEYWORD_ONLY and n not in _INTERNAL_OPTIONS)
+
+
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """``ValueError`` for an option algorithm ``name`` does not have, or a value of the wrong type or range."""
+    fn, _ = get_algorithm(name)
+    allowed = _keyword_options(fn)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"algorithm {name!r} has no option {', '.join(unknown)}; "
+                         f"its options: {', '.join(allowed) or 'none'}")
+    specs = _OPTIONS.get(name, {})
+    for key, value in options.items():
+        if key in specs:
+            specs[key].check(f"algorithm option {key}", value)
 
 
 def uses_float_zero_points(name: str) -> bool:

@@ -66,8 +66,8 @@ from ._common import (
     run_chunks,
     search_clip,
 )
-from ._importance import HEAD_NOTE, looks_like_output_head, objective_weights
-from .base import LayerStats, QuantizedWeight, QuantSpec, register
+from ._importance import HEAD_NOTE, OBJECTIVES, looks_like_output_head, objective_weights
+from .base import LayerStats, OptionSpec, QuantizedWeight, QuantSpec, register
 
 
 def _shrink_lp(d: np.ndarray, beta: float, p: float) -> np.ndarray:
@@ -137,7 +137,11 @@ def _hqq_chunk(x, mask, spec, dtype, iters, lp_norm, beta, kappa, optimize_scale
     return best_s, best_z
 
 
-@register("hqq")
+@register("hqq", options={
+    "iters": OptionSpec(int, min=1), "lp_norm": OptionSpec(float, min=0, min_open=True, max=1),
+    "beta": OptionSpec(float, min=0, min_open=True), "kappa": OptionSpec(float, min=1),
+    "optimize_scale": OptionSpec(bool), "init": OptionSpec(str, choices=("auto", "minmax", "clip")),
+    "objective": OptionSpec(str, choices=OBJECTIVES), "head_rule": OptionSpec(bool)})
 def hqq(
     w: np.ndarray,
     spec: QuantSpec,

@@ -47,7 +47,7 @@ from ._common import (
     sym_zero,
 )
 from ._importance import activation_weighted
-from .base import LayerStats, QuantizedWeight, QuantSpec, register
+from .base import LayerStats, OptionSpec, QuantizedWeight, QuantSpec, register
 
 
 def candidate_ratios(spec: QuantSpec, grid: int, span: float) -> list[float]:
@@ -126,7 +126,9 @@ def weighted_search(x, mask, spec: QuantSpec, dtype, weights, ratios, refine: bo
     return scale, zp
 
 
-@register("imatrix", needs_calibration=True)
+@register("imatrix", needs_calibration=True, options={
+    "grid": OptionSpec(int, min=1), "span": OptionSpec(float, min=0, min_open=True, max=0.99),
+    "refine": OptionSpec(bool)})
 def imatrix(
     w: np.ndarray,
     spec: QuantSpec,

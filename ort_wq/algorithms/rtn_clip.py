@@ -42,11 +42,14 @@ from ._common import (
     out_dtype,
     search_clip,
 )
-from ._importance import HEAD_NOTE, looks_like_output_head, objective_weights
-from .base import LayerStats, QuantizedWeight, QuantSpec, register
+from ._importance import HEAD_NOTE, OBJECTIVES, looks_like_output_head, objective_weights
+from .base import LayerStats, OptionSpec, QuantizedWeight, QuantSpec, register
 
 
-@register("rtn-clip")
+@register("rtn-clip", options={
+    "grid": OptionSpec(int, min=1), "min_ratio": OptionSpec(float, min=0, min_open=True, max=1),
+    "objective": OptionSpec(str, choices=OBJECTIVES), "saturate": OptionSpec(bool), "refine": OptionSpec(bool),
+    "head_rule": OptionSpec(bool)})
 def rtn_clip(
     w: np.ndarray,
     spec: QuantSpec,

@@ -1,0 +1,363 @@
+"""Writing a model so that its path names a complete model at every instant (or nothing).
+
+A model with external data is two files, and no pair of renames replaces two files at once. So
+every write gets its own data file name, ``<OUTPUT>.<token>.data`` (``token``: 12 random hex
+digits), referenced by the graph. The order is:
+
+1. graph and data are written (and fsync'ed) in a temporary folder ``.<OUTPUT>.<token>.tmp``
+   beside ``OUTPUT``; a failure (or Ctrl-C / SIGTERM) removes that folder and nothing else;
+2. under an exclusive lock on the output folder (``flock``, so concurrent writers take turns),
+   the data file is renamed into the folder under its new name: nothing refers to it yet;
+3. the graph is renamed onto ``OUTPUT``: the only step readers can see, atomic;
+4. data files of earlier writes of ``OUTPUT`` (``<OUTPUT>.<token>.data`` not referenced by the
+   new graph, and the old graph's ``<OUTPUT>.data``) are removed, never a file the input reads.
+
+A process killed between 2 and 3 leaves an unreferenced data file; one killed before leaves its
+temporary folder. Both are removed by the next write of the same output: a temporary folder is
+held by an ``flock`` while its writer lives (taken under the folder lock, as is the clean-up), so
+only those of dead writers are taken.
+Ctrl-C and SIGTERM during steps 2-4 are held back until step 4 is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import secrets
+import shutil
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no locking (one writer at a time assumed)
+    fcntl = None  # type: ignore[assignment]
+
+from .model_io import ModelInputError, external_files, release
+
+__all__ = ["AtomicModelWriter", "ExternalDataSink", "same_file"]
+
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_ENV_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EACCES, errno.EPERM, errno.EROFS,
+               errno.EISDIR, errno.ENOTDIR}
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name the same file (links and hard links included); never raises."""
+    try:
+        if a.resolve() == b.resolve():
+            return True
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+class ExternalDataSink:
+    """Appends tensors to one external-data file as they are produced (thread-safe).
+
+    Each ``put`` writes the bytes at a 64-byte aligned offset and returns an ``ir.ExternalTensor``
+    pointing at them, so the data leaves memory as soon as it is computed.
+    """
+
+    ALIGN = 64
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.folder, self.name = folder, name
+        self._file = open(folder / name, "xb")  # noqa: SIM115 - closed by close()
+        self._offset = 0
+        self._lock = threading.Lock()
+
+    def put(self, name: str, array: np.ndarray) -> ir.ExternalTensor:
+        data = np.ascontiguousarray(array)
+        tensor = ir.Tensor(data, name=name)
+        raw = tensor.tobytes()
+        with self._lock:
+            pad = -self._offset % self.ALIGN
+            try:
+                if pad:
+                    self._file.write(b"\0" * pad)
+                self._file.write(raw)
+            except OSError as exc:  # a full disk, a quota: the user's to fix
+                raise _as_input_error(exc, self.folder.parent) from None
+            offset = self._offset + pad
+            self._offset = offset + len(raw)
+        return ir.ExternalTensor(self.name, offset, len(raw), tensor.dtype, shape=tensor.shape, name=name,
+                                 base_dir=str(self.folder))
+
+    def close(self, sync: bool = False) -> None:
+        if not self._file.closed:
+            if sync:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            self._file.close()
+
+
+class AtomicModelWriter:
+    """Writes a model into a temporary folder beside ``path``; files move into place only in ``finish``.
+
+    With ``external_data``, :attr:`sink` streams tensors to the write's own data file while the
+    model is being built; ``finish`` moves the initializers still held in memory or in other
+    files there too. Used as a context manager: leaving it without ``finish`` removes everything.
+    See the module docstring for the order of the steps.
+    """
+
+    def __init__(self, path: str | os.PathLike, external_data: bool, durable: bool = True) -> None:
+        self.dest = Path(path)
+        self.durable = durable  # fsync before the renames (off for throw-away copies)
+        if self.dest.is_dir():
+            raise ModelInputError(f"{self.dest}: is a folder; give a file name for the output model")
+        self.parent = self.dest.parent if str(self.dest.parent) else Path(".")
+        if not self.parent.is_dir():
+            raise ModelInputError(f"{self.parent}: output folder does not exist")
+        if not os.access(self.parent, os.W_OK | os.X_OK):
+            raise ModelInputError(f"{self.parent}: output folder is not writable (check its permissions)")
+        self.external_data = external_data
+        self.token = secrets.token_hex(6)
+        self.data_name = f"{self.dest.name}.{self.token}.data"
+        self._data_re = re.compile(re.escape(self.dest.name) + r"\.[0-9a-f]{12}\.data")
+        self._tmp_re = re.compile(r"\." + re.escape(self.dest.name) + r"\.[0-9a-f]{12}\.tmp")
+        self.tmp: Path | None = None
+        self.sink: ExternalDataSink | None = None
+        self._tmp_fd: int | None = None
+        self._protected: list[Path] = []
+
+    def check_inputs(self, model: ir.Model, source: str | os.PathLike | None = None) -> None:
+        """Refuse an output that is, or links to, a file the input reads (its graph or data files).
+
+        Those files are also never removed as an earlier output's data.
+        """
+        inputs = sorted(external_files(model))
+        if source is not None:
+            inputs.insert(0, Path(source))
+        self._protected = inputs
+        for f in inputs:
+            if same_file(self.dest, f):
+                what = "is the input model" if f == (Path(source) if source else None) else "holds the input's weights"
+                raise ModelInputError(f"output {self.dest} {what} ({f.name}) and would be overwritten; "
+                                      "choose another output name")
+
+    def __enter__(self) -> AtomicModelWriter:
+        tmp = self.parent / f".{self.dest.name}.{self.token}.tmp"
+        try:
+            # under the folder lock: no other writer's cleanup sees our folder before it is locked
+            with _locked_folder(self.parent):
+                self._remove_stale_temporaries()
+                tmp.mkdir()
+                self.tmp = tmp
+                self._tmp_fd = _lock_path(tmp)
+            if self.external_data:
+                self.sink = ExternalDataSink(tmp, self.data_name)
+        except BaseException as exc:
+            self.__exit__()
+            if isinstance(exc, OSError):
+                raise _as_input_error(exc, self.parent) from None
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.sink is not None:
+            self.sink.close()
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+        if self._tmp_fd is not None:
+            os.close(self._tmp_fd)
+            self._tmp_fd = None
+
+    def finish(self, model: ir.Model) -> list[Path]:
+        """Write the graph (and the remaining tensors), then move the files into place."""
+        assert self.tmp is not None, "use AtomicModelWriter as a context manager"
+        self._protected += sorted(external_files(model))  # still read by the model: never removed
+        try:
+            self._move_tensors(model)
+            if self.sink is not None:
+                self.sink.close(sync=self.durable)
+            ir.save(model, self.tmp / self.dest.name)
+            if self.durable:
+                _fsync_file(self.tmp / self.dest.name)
+        except OSError as exc:
+            raise _as_input_error(exc, self.parent) from None
+        with _signals_held(), _locked_folder(self.parent):
+            written = self._commit()
+        if self.sink is not None:
+            ir.external_data.set_base_dir(model.graph, str(self.parent))
+        return written
+
+    def _move_tensors(self, model: ir.Model) -> None:
+        sink = self.sink
+        for graph in (model.graph, *model.graph.subgraphs()):
+            for value in graph.initializers.values():
+                t = value.const_value
+                if t is None or (sink is not None and isinstance(t, ir.ExternalTensor) and Path(t.base_dir) == sink.folder):
+                    continue
+                if sink is not None and t.nbytes >= 1024:
+                    value.const_value = sink.put(value.name, t.numpy())
+                elif isinstance(t, ir.ExternalTensor):  # another file's data: the output must not depend on it
+                    value.const_value = ir.Tensor(np.array(t.numpy()), name=value.name)
+                else:
+                    continue
+                release(t)
+
+    def _commit(self) -> list[Path]:
+        """Steps 2-4 of the module docstring (the caller holds the folder lock)."""
+        assert self.tmp is not None
+        legacy = self.parent / (self.dest.name + ".data")  # how earlier versions named the data file
+        old_refs = _locations(self.dest) if legacy.is_file() else set()
+        written = []
+        moved: Path | None = None
+        try:
+            if self.sink is not None:
+                moved = self.parent / self.data_name
+                if moved.exists():  # a 48-bit name clash: never replace a file
+                    raise ModelInputError(f"{moved}: exists; run again")
+                os.replace(self.tmp / self.data_name, moved)
+                written.append(moved)
+            os.replace(self.tmp / self.dest.name, self.dest)
+        except BaseException as exc:
+            if moved is not None:
+                with contextlib.suppress(OSError):
+                    moved.unlink()
+            if isinstance(exc, OSError):
+                raise _as_input_error(exc, self.parent) from None
+            raise
+        written.append(self.dest)
+        if self.durable:
+            _fsync_dir(self.parent)
+        self._remove_old_data(old_refs)
+        return written
+
+    def _remove_old_data(self, old_refs: set[str]) -> None:
+        """Data files of earlier writes of this output (never ours, never one the input reads)."""
+        legacy = self.dest.name + ".data"
+        for entry in os.scandir(self.parent):
+            name = entry.name
+            if name == self.data_name or not (self._data_re.fullmatch(name) or (name == legacy and name in old_refs)):
+                continue
+            path = self.parent / name
+            if entry.is_file(follow_symlinks=False) and not any(same_file(path, p) for p in self._protected):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary folders of earlier writes of this output whose writer no longer runs."""
+        if fcntl is None:
+            return
+        try:
+            entries = [e for e in os.scandir(self.parent) if self._tmp_re.fullmatch(e.name)]
+        except OSError:
+            return
+        for entry in entries:
+            try:
+                fd = os.open(entry.path, os.O_RDONLY | _O_DIRECTORY)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # held: its writer is alive
+                os.close(fd)
+                continue
+            shutil.rmtree(entry.path, ignore_errors=True)
+            os.close(fd)
+
+
+def _locations(path: Path) -> set[str]:
+    """External-data locations the graph at ``path`` refers to (empty if unreadable)."""
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - absent or not a model: nothing to clean
+        return set()
+    from .model_io import _all_tensors
+
+    out = set()
+    for t in _all_tensors(proto.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            out.update(e.value for e in t.external_data if e.key == "location")
+    return out
+
+
+def _as_input_error(exc: OSError, folder: Path) -> ModelInputError | OSError:
+    if exc.errno in _ENV_ERRNOS:
+        where = exc.filename2 or exc.filename  # a rename names its destination second
+        return ModelInputError(f"cannot write the output in {folder}: {exc.strerror or exc}"
+                               f"{f' ({where})' if where else ''}; nothing was written")
+    return exc
+
+
+def _lock_path(path: Path) -> int | None:
+    """An exclusive ``flock`` on a folder, held until the returned descriptor is closed.
+
+    ``None`` where the platform or file system has no such locks (then writers are not serialised).
+    """
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDONLY | _O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            return None
+        raise
+    return fd
+
+
+@contextlib.contextmanager
+def _locked_folder(folder: Path):
+    fd = _lock_path(folder)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # closing releases the flock
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | _O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT / SIGTERM back while the files move (main thread only); re-deliver them after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    sigs = [signal.SIGINT, signal.SIGTERM]
+    old: dict[int, Any] = {}
+    for s in sigs:
+        old[s] = signal.signal(s, lambda num, frame: pending.append(num))
+    completed = False
+    try:
+        yield
+        completed = True
+    finally:
+        for s in sigs:
+            signal.signal(s, old[s])
+        for s in pending[:1]:
+            handler = old[s]
+            try:
+                if callable(handler):
+                    handler(s, None)
+                elif handler == signal.SIG_DFL:
+                    signal.raise_signal(s)
+            except KeyboardInterrupt as exc:  # the files are in place: say so to whoever reports it
+                exc.output_written = completed  # type: ignore[attr-defined]
+                raise
