@@ -35,6 +35,18 @@ def test_quantize_ok(model_file, tmp_path, capsys):
     np.testing.assert_allclose(y, x @ deq(w, 4, 64, False), rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("grid", ["mlas", "inc"])
+def test_sym_grid(model_file, tmp_path, capsys, grid):
+    src, w = model_file
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", str(src), str(out), "--sym", "--sym-grid", grid, "--accuracy-level", "0"]) == 0
+    x = np.random.default_rng(0).standard_normal((3, 128)).astype(np.float32)
+    (y,) = run_model(str(out), {"x": x})
+    np.testing.assert_allclose(y, x @ deq(w, 4, 32, True, grid=grid), rtol=2e-4, atol=2e-4)
+    other = deq(w, 4, 32, True, grid="inc" if grid == "mlas" else "mlas")
+    assert not np.allclose(y, x @ other, rtol=2e-4, atol=2e-4)
+
+
 def test_quantize_override_and_exclude(model_file, tmp_path, capsys):
     src, _ = model_file
     out = tmp_path / "q.onnx"
