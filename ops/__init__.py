@@ -4,7 +4,9 @@ Vectorised numpy, registered with onnxruntime as onnxruntime-extensions Python c
 quantized graph runs (and can be checked) on any onnxruntime build:
 
 - ``session_options()`` / ``register(so)``: unmodified models; com.microsoft ``MatMulFpQ4`` and
-  symmetric float32 ``MatMulNBits`` nodes run the reference ops (process-wide once enabled).
+  float32 ``MatMulNBits`` nodes of one zero-point form (default: ort-wq's default output, uint8
+  zero points) run the reference ops (process-wide once enabled); ``session_options(model=...)``
+  names the nodes of other forms.
 - ``to_reference(model)`` / ``reference_session(model)``: a copy whose quantized nodes point at
   the reference ops in their own domain (every MatMulNBits form, float16 too), so built-in and
   reference kernels can be compared in one process.
@@ -33,6 +35,7 @@ from .registration import (
     register,
     session_options,
     stats,
+    unserved_nodes,
 )
 from .to_reference import (
     QUANTIZED_OPS,
@@ -54,6 +57,7 @@ __all__ = [
     "register",
     "session_options",
     "contrib_override_active",
+    "unserved_nodes",
     "to_reference",
     "reference_session",
     "inference_session",

@@ -8,8 +8,9 @@ Two sets of ops, because a Python op has one fixed list of required inputs and a
   attribute, so errors name the node. These ops are float32 only: onnxruntime-extensions cannot
   pass float16 tensors to Python, so ``to_reference`` wraps float16 nodes in Casts.
 - Under ``com.microsoft`` (the *contrib override*), defined on the first :func:`register` or
-  :func:`session_options` call with ``contrib=True``: ``MatMulFpQ4`` and the symmetric, bias-free
-  float32 ``MatMulNBits`` (inputs ``A, B, scales``). They replace onnxruntime's own kernels so an
+  :func:`session_options` call with ``contrib=True``: ``MatMulFpQ4`` and one bias-free float32
+  ``MatMulNBits`` form, by default ort-wq's own default output (asymmetric, packed uint8 zero
+  points: inputs ``A, B, scales, zero_points``). They replace onnxruntime's own kernels so an
   unmodified model runs where the contrib kernels are missing. Python ops are process-wide: once
   enabled, every session in this process that registers the onnxruntime-extensions library gets
   them (other com.microsoft ops keep their built-in kernels). They are defined lazily so that
@@ -46,6 +47,7 @@ __all__ = [
     "register",
     "session_options",
     "contrib_override_active",
+    "unserved_nodes",
     "stats",
 ]
 
@@ -277,36 +279,87 @@ def contrib_override_active() -> bool:
     return _override_on is not None
 
 
+def _node_form(node: Any) -> str:
+    """``"none"``, ``"uint8"``, ``"float"`` or a description of a form no override serves."""
+    inputs = list(node.inputs)
+    while inputs and inputs[-1] is None:
+        inputs.pop()
+    if len(inputs) > 4:
+        return "with bias or g_idx"
+    dtypes = {v.dtype for v in (inputs[0], inputs[2]) if v is not None and v.dtype is not None}
+    if any(d.name != "FLOAT" for d in dtypes):
+        return "float16"
+    if len(inputs) < 4:
+        return "none"
+    zp = inputs[3].dtype
+    return "uint8" if zp is not None and zp.name == "UINT8" else "float"
+
+
+def unserved_nodes(model: Any, nbits_zero_points: str | None = None) -> list[str]:
+    """MatMulNBits nodes of ``model`` whose form the com.microsoft override does not serve, each
+    as ``"'name' (form)"``; ``nbits_zero_points``: the form to check against (default: the one
+    defined in this process, else ``"uint8"``)."""
+    from ort_wq.model_io import as_ir_model
+
+    served = nbits_zero_points or _override_on or "uint8"
+    out = []
+    for node in as_ir_model(model)[0].graph.all_nodes():
+        if node.domain == CONTRIB_DOMAIN and node.op_type == "MatMulNBits":
+            form = _node_form(node)
+            if form != served:
+                label = {"none": "symmetric, no zero points", "uint8": "uint8 zero points", "float": "float zero points"}
+                out.append(f"{node.name or '<unnamed>'!r} ({label.get(form, form)})")
+    return out
+
+
+def _check_served(model: Any, zero_points: str) -> None:
+    bad = unserved_nodes(model, zero_points)
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ValueError(
+            f"session_options() serves MatMulNBits with zero points {zero_points!r} (float32, no bias) but node "
+            f"{', '.join(bad[:3])}{more} has another form; pass nbits_zero_points= for it in a new process, "
+            "or use ort_wq.ops.reference_session(model), which serves every form"
+        )
+
+
 def register(
-    sess_options: ort.SessionOptions, *, contrib: bool = True, nbits_zero_points: str = "none"
+    sess_options: ort.SessionOptions, *, contrib: bool = True, nbits_zero_points: str | None = None, model: Any = None
 ) -> ort.SessionOptions:
     """Register the onnxruntime-extensions library (and so the reference ops) with ``sess_options``.
 
     ``contrib=True`` also makes com.microsoft ``MatMulFpQ4`` and ``MatMulNBits`` run the reference
     ops, process-wide from then on. A Python op has a fixed input list, so one MatMulNBits form is
-    served: float32, no bias, and zero points as ``nbits_zero_points`` says: ``"none"`` (symmetric:
-    inputs ``A, B, scales``), ``"uint8"`` (packed, ort-wq's default asymmetric output) or
-    ``"float"``. The first call in a process fixes it. Other forms (bias, float16, another
-    zero-point kind) need :func:`ort_wq.ops.to_reference`.
+    served: float32, no bias, and zero points as ``nbits_zero_points`` says: ``"uint8"`` (packed,
+    ort-wq's default asymmetric output; the default unless this process already defined another
+    form, then that one), ``"none"`` (symmetric: inputs ``A, B,
+    scales``) or ``"float"``. The first call in a process fixes it. Other forms (bias, float16,
+    another zero-point kind) need :func:`ort_wq.ops.to_reference`. ``model`` (a path, ModelProto
+    or onnx_ir.Model): checked first; a node of a form not served raises ``ValueError`` naming it
+    (instead of onnxruntime's "invalid graph" when the session is created).
     Call once per ``SessionOptions``. Returns ``sess_options``.
     """
     from onnxruntime_extensions import get_library_path
 
     _define_reference_ops()
+    zero_points = nbits_zero_points or _override_on or "uint8"
+    if contrib and model is not None:
+        _check_served(model, _override_on or zero_points)
     if contrib:
-        _enable_contrib_override(nbits_zero_points)
+        _enable_contrib_override(zero_points)
     sess_options.register_custom_ops_library(get_library_path())
     return sess_options
 
 
 def session_options(
-    sess_options: ort.SessionOptions | None = None, *, contrib: bool = True, nbits_zero_points: str = "none"
+    sess_options: ort.SessionOptions | None = None, *, contrib: bool = True, nbits_zero_points: str | None = None,
+    model: Any = None,
 ) -> ort.SessionOptions:
     """New (or the given) ``SessionOptions`` with the reference ops registered; see :func:`register`."""
     import onnxruntime as ort
 
     so = sess_options if sess_options is not None else ort.SessionOptions()
-    return register(so, contrib=contrib, nbits_zero_points=nbits_zero_points)
+    return register(so, contrib=contrib, nbits_zero_points=nbits_zero_points, model=model)
 
 
 def stats() -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 The public API: the five weight-only utilities (``quant_tensor``, ``qdq_tensor``, ``pad_tensor``,
 ``make_matmul_weight_only_node``, ``prepare_inputs``), the packing functions, and the model
-level entry points ``quantize`` and ``validate``.
+level entry points ``quantize``, ``validate`` and ``evaluate`` (model files or model folders).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from .report import QuantReport
 from .utility import make_matmul_weight_only_node, pad_tensor, prepare_inputs, qdq_tensor, quant_tensor
 
 from .validate import ValidationInputError, ValidationReport, validate  # noqa: E402  (the function)
+from .evaluate import EvalResult, evaluate  # noqa: E402
+from .text import CalibrationText  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -40,6 +42,9 @@ __all__ = [
     "WeightOnlyConfig",
     "quantize",
     "validate",
+    "evaluate",
+    "EvalResult",
+    "CalibrationText",
     "ValidationReport",
     "ValidationInputError",
     "ops",

@@ -59,8 +59,10 @@ def _add_quantize(sub) -> None:
         "job succeeds (external data is written as OUTPUT.<id>.data when the input had it or the result is over 2 GB).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("input", metavar="INPUT", help="ONNX model to quantize")
-    p.add_argument("output", metavar="OUTPUT", help="where to write the quantized model")
+    p.add_argument("input", metavar="INPUT", help="ONNX model to quantize, or a model folder (one .onnx plus "
+                   "side files such as genai_config.json and tokenizer files)")
+    p.add_argument("output", metavar="OUTPUT", help="where to write the quantized model (for a folder INPUT: "
+                   "a new folder, which gets the model under the same name and copies of the side files)")
     p.add_argument("--bits", type=int, choices=(2, 4, 8), default=d.bits, help="bits per weight")
     p.add_argument("--block-size", type=_block_size, default=d.block_size,
                    help="values per block along K: a power of two >= 16, or -1 for one block per column")
@@ -95,11 +97,19 @@ def _add_quantize(sub) -> None:
     p.add_argument("--min-k", type=_positive_int, default=d.min_k, help="leave weights with fewer input channels")
     p.add_argument("--calibration", metavar="FILE.npz",
                    help="calibration inputs for gptq/awq: arrays keyed by model input name, batch along axis 0")
+    p.add_argument("--calibration-text", metavar="FILE",
+                   help="calibration from UTF-8 text for gptq/awq: tokenized, cut into windows of "
+                   "--calibration-seq-len tokens, one window per batch (needs pip install 'ort-wq[llm]')")
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json for --calibration-text "
+                   "(default: tokenizer.json beside the model)")
+    p.add_argument("--calibration-seq-len", type=_positive_int, default=512, metavar="N",
+                   help="tokens per calibration window of --calibration-text")
     p.add_argument("--calibration-batches", type=_positive_int, default=None, metavar="N",
-                   help="use at most N batches of the calibration file")
+                   help="use at most N batches of the calibration file or windows of the text")
     p.add_argument("--calibration-batch-size", type=_positive_int, default=8, metavar="B",
                    help="rows of the calibration file per batch")
     p.add_argument("--threads", type=_positive_int, default=None, help="worker threads (default: all cores)")
+    p.add_argument("--report-json", metavar="FILE", help="also write the report as JSON (schema in the README)")
     p.add_argument("--verbose", action="store_true", help="list every skipped node")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     p.set_defaults(run=_run_quantize)
@@ -114,7 +124,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     from .output_files import same_file
     from .quantize import quantize
 
-    if same_file(Path(args.input), Path(args.output)):
+    if os.path.isfile(args.input) and same_file(Path(args.input), Path(args.output)):
         raise UsageError(f"OUTPUT {args.output!r} is the input model; choose another path")
     try:
         overrides = [NodeOverride.parse(o) for o in args.override]
@@ -127,21 +137,36 @@ def _run_quantize(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    load_model(args.input)  # bad input files fail here, before any work
+    from .folders import resolve
+
+    load_model(resolve(args.input))  # bad input files fail here, before any work
     needs_calibration = list_algorithms()[args.algorithm]
     calibration = None
-    if args.calibration and not needs_calibration:
+    if args.calibration and args.calibration_text:
+        raise UsageError("give --calibration FILE.npz or --calibration-text FILE, not both")
+    given = args.calibration or args.calibration_text
+    if given and not needs_calibration:
         print(f"ort-wq quantize: note: --algorithm {args.algorithm} does not use calibration data; "
-              f"--calibration {args.calibration} is ignored (gptq and awq use it)", file=sys.stderr)
+              f"{given} is ignored (gptq and awq use it)", file=sys.stderr)
     elif args.calibration:
         from .algorithms.calibration import npz_batches
 
         calibration = npz_batches(args.calibration, args.calibration_batch_size, args.calibration_batches)
+    elif args.calibration_text:
+        from .text import CalibrationText, default_tokenizer, load_tokenizer
+
+        calibration = CalibrationText(args.calibration_text, args.tokenizer or default_tokenizer(args.input),
+                                      args.calibration_seq_len, args.calibration_batches)
+        load_tokenizer(calibration.tokenizer)  # a missing package or file fails before any work
     elif needs_calibration:
-        raise UsageError(f"--algorithm {args.algorithm} needs --calibration FILE.npz")
+        raise UsageError(f"--algorithm {args.algorithm} needs --calibration FILE.npz or --calibration-text FILE")
     start = time.perf_counter()
     _, report = quantize(args.input, config, output=args.output, calibration=calibration,
                          progress=not args.quiet and sys.stderr.isatty(), return_report=True)
+    if args.report_json:
+        from .report_json import quantize_report, write_report
+
+        write_report(args.report_json, quantize_report(report, input=args.input, output=args.output, config=config))
     if not args.quiet:
         print(report.to_text(verbose=args.verbose))
         print(f"wrote {args.output} in {time.perf_counter() - start:.2f} s")
@@ -153,14 +178,23 @@ def _add_inspect(sub) -> None:
                        description="List every MatMul/Gemm/FusedMatMul/Gather with its weight shape and whether "
                        "'ort-wq quantize' with default settings converts it (and why not), every already quantized "
                        "node with its settings, and the model's initializer bytes by the ops that read them.")
-    p.add_argument("model", metavar="MODEL", help="ONNX model")
+    p.add_argument("model", metavar="MODEL", help="ONNX model or model folder")
+    p.add_argument("--report-json", metavar="FILE", help="also write the rows as JSON (schema in the README)")
     p.set_defaults(run=_run_inspect)
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
+    from .folders import resolve
     from .inspect import inspect_model
 
-    print(inspect_model(args.model))
+    path = resolve(args.model)
+    print(inspect_model(path))
+    if args.report_json:
+        from .inspect import inspect_rows
+        from .model_io import load_model
+        from .report_json import inspect_report, write_report
+
+        write_report(args.report_json, inspect_report(inspect_rows(load_model(path)), model=args.model))
     return EXIT_OK
 
 
@@ -174,6 +208,17 @@ def _add_validate(sub) -> None:
                        "exit 0 within thresholds, 1 outside, 2 on bad input.")
     add_validate_arguments(p)
     p.set_defaults(run=run_validate_command)
+
+
+def _add_eval(sub) -> None:
+    from .evaluate import add_eval_arguments, run_eval_command
+
+    p = sub.add_parser("eval", help="perplexity and KL divergence of a quantized language model on a text",
+                       description="Score ORIGINAL and QUANTIZED on the same windows of a text: perplexity of "
+                       "both, mean KL(original || quantized) of the next-token distributions and top-1 agreement, "
+                       "per window and overall. Models may be files or model folders.")
+    add_eval_arguments(p)
+    p.set_defaults(run=run_eval_command)
 
 
 def _add_demo(sub) -> None:
@@ -206,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize(sub)
     _add_inspect(sub)
     _add_validate(sub)
+    _add_eval(sub)
     _add_demo(sub)
     return parser
 

@@ -31,11 +31,18 @@ def quantize(
     (modified in place and returned) or a path (then ``output`` is required and the output path
     is returned; the input file is never modified). With ``output`` the result is saved
     atomically, with external data when the input had it or the result exceeds 2 GB.
-    ``calibration``: for algorithms that need it, an onnxruntime ``CalibrationDataReader`` or a
-    list of input dicts. ``return_report=True`` returns ``(result, QuantReport)``.
+    A folder path (one ``.onnx`` plus side files such as ``genai_config.json`` and tokenizer
+    files) gives a folder ``output``: the model under the same name and copies of the side files.
+    ``calibration``: for algorithms that need it, an onnxruntime ``CalibrationDataReader``, a
+    list of input dicts or an :class:`ort_wq.CalibrationText`. ``return_report=True`` returns ``(result, QuantReport)``.
     """
     config = config or WeightOnlyConfig()
     config.validate()
+    if isinstance(model, (str, os.PathLike)) and Path(model).is_dir():
+        from .folders import quantize_folder
+
+        return quantize_folder(model, output, config, calibration=calibration, progress=progress,
+                               return_report=return_report)
     if isinstance(model, (str, os.PathLike)):
         if output is None:
             raise ModelInputError("quantize(path) needs output=...: the input file is never modified")
@@ -52,7 +59,8 @@ def quantize(
             raise ValueError(f"algorithm {config.algorithm!r} needs calibration data (calibration=...)")
         from .algorithms.calibration import collect_stats
 
-        stats = collect_stats(ir_model, calibration, config, progress=progress)
+        stats = collect_stats(ir_model, calibration, config, progress=progress,
+                              model_path=model if kind == "path" else None)
     from .transforms import WeightOnlyQuantPass
 
     def run(sink=None) -> QuantReport:

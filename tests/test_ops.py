@@ -239,7 +239,7 @@ def test_session_options_runs_unmodified_models_on_the_reference_ops():
         if {reason is None}:
             res["fpq4_builtin"] = run_model(fpq4, {{"A": a}})[0].tolist()  # a session without the library
         res["nbits_builtin"] = run_model(nbits, {{"A": a2}})[0].tolist()
-        so = ops.session_options()
+        so = ops.session_options(nbits_zero_points="none")
         res["active_after"] = ops.contrib_override_active()
         before = ops.stats()["calls"]
         res["fpq4_ref"] = ops.run(ort.InferenceSession(fpq4.SerializeToString(), so), None, {{"A": a}})[0].tolist()
@@ -251,6 +251,11 @@ def test_session_options_runs_unmodified_models_on_the_reference_ops():
             res["asym"] = "loaded"
         except Exception as exc:
             res["asym"] = str(exc)
+        try:
+            ops.session_options(model=asym)
+            res["asym_checked"] = "accepted"
+        except ValueError as exc:
+            res["asym_checked"] = str(exc)
         print(json.dumps(res))
         """
     )
@@ -260,6 +265,7 @@ def test_session_options_runs_unmodified_models_on_the_reference_ops():
         ref, builtin = (np.array(out[f"{op}_{kind}"], np.float32) for kind in ("ref", "builtin"))
         assert_close_to_builtin(ref, builtin, np.float32)
     assert "mm_Q4" in out["asym"]  # the 4-input form is refused at load time, naming the node (use to_reference)
+    assert "'mm_Q4' (uint8 zero points)" in out["asym_checked"] and "reference_session" in out["asym_checked"]
 
 
 def test_corrupted_weights_raise_a_clear_python_exception():
@@ -378,7 +384,7 @@ def test_session_options_uint8_zero_points_runs_default_output():
         asym = nbits_model(4, 32, 96, 16, "uint8")
         a = np.random.default_rng(1).standard_normal((1, 3, 96)).astype(np.float32)
         res = {"builtin": run_model(asym, {"A": a})[0].tolist()}
-        so = ops.session_options(nbits_zero_points="uint8")
+        so = ops.session_options(model=asym)  # the default form: uint8 zero points
         before = ops.stats()["calls"].get("com.microsoft::MatMulNBits", 0)
         res["ref"] = ops.run(ort.InferenceSession(asym.SerializeToString(), so), None, {"A": a})[0].tolist()
         res["calls"] = ops.stats()["calls"]["com.microsoft::MatMulNBits"] - before

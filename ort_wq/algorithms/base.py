@@ -73,12 +73,17 @@ class QuantizedWeight:
         return deq.reshape(self.n, -1)[:, : self.k].T
 
 
+_STATS_BLOCK = 1024  # rows of X^T X per matrix product in LayerStats.update
+
+
 @dataclass
 class LayerStats:
     """Calibration statistics of one MatMul's input activation ``X[..., K]``.
 
-    ``xtx`` is ``sum(X^T X)`` over all rows seen (float64 ``[K, K]``), ``abs_sum`` the sum of
-    ``|X|`` per channel, ``rows`` the number of rows; accumulated batch by batch.
+    ``xtx`` is ``sum(X^T X)`` over all rows seen (``[K, K]``, float32 when accumulated here: half
+    the memory of float64, which matters with one such matrix per activation of an LLM),
+    ``abs_sum`` the sum of ``|X|`` per channel (float64), ``rows`` the number of rows;
+    accumulated batch by batch.
     """
 
     k: int
@@ -87,17 +92,25 @@ class LayerStats:
     rows: int = 0
 
     def update(self, x: np.ndarray) -> None:
+        """Add a batch: only the block upper triangle of ``X^T X`` is computed (half the
+        arithmetic), in products of ``_STATS_BLOCK`` rows, then mirrored."""
         x2 = np.asarray(x, dtype=np.float32).reshape(-1, self.k)
         if self.xtx is None:
-            self.xtx = np.zeros((self.k, self.k), dtype=np.float64)
+            self.xtx = np.zeros((self.k, self.k), dtype=np.float32)
             self.abs_sum = np.zeros(self.k, dtype=np.float64)
-        self.xtx += (x2.T @ x2).astype(np.float64)
+        k, b = self.k, _STATS_BLOCK
+        for j0 in range(0, k, b):
+            j1 = min(j0 + b, k)
+            self.xtx[j0:j1, j0:] += x2[:, j0:j1].T @ x2[:, j0:]
+        for j0 in range(0, k, b):
+            j1 = min(j0 + b, k)
+            self.xtx[j1:, j0:j1] = self.xtx[j0:j1, j1:].T
         self.abs_sum += np.abs(x2).sum(axis=0, dtype=np.float64)
         self.rows += x2.shape[0]
 
     @property
     def hessian(self) -> np.ndarray:
-        """Mean ``X^T X`` (float64 ``[K, K]``)."""
+        """Mean ``X^T X`` (``[K, K]``, the dtype of ``xtx``)."""
         if self.xtx is None or self.rows == 0:
             raise ValueError("no calibration data was accumulated for this layer")
         return self.xtx / self.rows

@@ -72,8 +72,16 @@ def collect_stats(
     config: WeightOnlyConfig,
     *,
     progress: bool = False,
+    model_path: str | os.PathLike | None = None,
 ) -> dict[str, LayerStats]:
-    """Run the calibration batches and return the statistics of every target activation."""
+    """Run the calibration batches and return the statistics of every target activation.
+
+    ``calibration``: a ``CalibrationDataReader``, a list of input dicts or a
+    :class:`ort_wq.text.CalibrationText` (tokenized here; ``model_path`` locates the default
+    tokenizer and the config files that give the KV-cache shapes).
+    The session computes only what the targets need: its outputs are the target activations,
+    and the nodes they do not depend on (an LLM's output head and its logits) are left out.
+    """
     import onnxruntime as ort
 
     targets = target_activations(model, config)
@@ -81,31 +89,45 @@ def collect_stats(
     if not targets:
         return stats
     specs = input_values(model)
-    known = {v.name for v in model.graph.outputs}
-    values = {v.name: v for node in model.graph for v in node.outputs}
-    values.update({v.name: v for v in model.graph.inputs})
-    extra = [values[n] for n in targets if n in values and n not in known]
-    model.graph.outputs.extend(extra)
+    batches, total = _batches(model, calibration, model_path)
+    values = {v.name for node in model.graph for v in node.outputs} | {v.name for v in model.graph.inputs}
+    names = [n for n in targets if n in values]
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    try:
-        sess = inference_session(model, so)
-        names = list(targets)
-        batches = iter_batches(calibration)
-        if progress:
-            from tqdm import tqdm
+    # memory: no second, pre-packed copy of every weight, no arena kept at its high-water mark
+    so.add_session_config_entry("session.disable_prepacking", "1")
+    so.enable_cpu_mem_arena = False
+    sess = inference_session(model, so, outputs=names)
+    if progress:
+        from tqdm import tqdm
 
-            batches = tqdm(batches, desc="calibrating", unit="batch", leave=False)
-        seen = 0
-        for i, batch in enumerate(batches):
-            feeds = check_feeds(batch, specs, f"model (calibration batch {i})")
-            outs = sess.run(names, feeds)
-            for name, x in zip(names, outs):
-                stats[name].update(x)
-            seen += 1
-        if not seen:
-            raise ModelInputError("calibration data holds no batch")
-    finally:
-        for v in extra:
-            model.graph.outputs.remove(v)
+        batches = tqdm(batches, desc="calibrating", unit="batch", total=total, leave=False)
+    seen = 0
+    for i, batch in enumerate(batches):
+        feeds = check_feeds(batch, specs, f"model (calibration batch {i})")
+        outs = sess.run(names, feeds)
+        for name, x in zip(names, outs):
+            stats[name].update(x)
+        del outs
+        seen += 1
+    if not seen:
+        raise ModelInputError("calibration data holds no batch")
     return stats
+
+
+def _batches(model: ir.Model, calibration: Any, model_path: Any) -> tuple[Iterable[dict], int | None]:
+    """The calibration batches (a lazy iterable) and their number when known."""
+    from ..text import CalibrationText
+
+    if isinstance(calibration, CalibrationText):
+        from ..feeds import decoder_layout, make_feeds
+        from ..folders import model_folder
+
+        windows = calibration.windows(model_path)
+        folder = model_folder(model_path) if model_path is not None else None
+        layout = decoder_layout(model, folder)
+        if layout.input_ids is None:
+            raise ModelInputError("calibration text needs a model with an 'input_ids' input")
+        return (make_feeds(model, input_ids=w[None], layout=layout) for w in windows), len(windows)
+    total = len(calibration) if isinstance(calibration, (list, tuple)) else None
+    return iter_batches(calibration), total
