@@ -323,7 +323,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         where = f" ({exc.filename})" if exc.filename and str(exc.filename) not in str(exc.strerror) else ""
         return error(f"error: {exc.strerror or _line(exc)}{where}; nothing was written", EXIT_USAGE)
     except KeyboardInterrupt as exc:
-        what = "the output was written" if getattr(exc, "output_written", False) else "nothing was written"
+        done = getattr(exc, "output_written", False) or _output_written(args)
+        what = "the output was written" if done else "nothing was written"
         return error(f"{'terminated' if isinstance(exc, Terminated) else 'interrupted'}; {what}",
                      143 if isinstance(exc, Terminated) else 130)
     except MemoryError:
@@ -333,6 +334,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         if cause is not None:  # a worker's bad input, wrapped with what it was working on
             return error(f"error: {_line(exc)}", EXIT_USAGE)
         return _internal(args, exc)
+
+
+def _output_written(args: argparse.Namespace) -> bool:
+    """Whether the command had put its output in place before it was stopped."""
+    if getattr(args, "output", None) is None or "ort_wq.output_files" not in sys.modules:
+        return False
+    from .output_files import was_written
+
+    return was_written(args.output)
 
 
 def _user_cause(exc: BaseException) -> BaseException | None:

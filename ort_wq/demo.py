@@ -133,8 +133,12 @@ def run_demo(layers: int = 4, hidden: int = 512, save_dir: str | None = None, se
         from pathlib import Path
 
         Path(save_dir).mkdir(parents=True, exist_ok=True)
-        onnx.save_model(model, str(Path(save_dir) / "original.onnx"))
-        onnx.save_model(quantized, str(Path(save_dir) / "quantized.onnx"))
+        import onnx_ir as ir
+
+        from .model_io import save_model
+
+        for name, proto in (("original.onnx", model), ("quantized.onnx", quantized)):
+            save_model(ir.serde.deserialize_model(proto), Path(save_dir) / name, external_data=False)
 
     rng = np.random.default_rng(seed + 1)
     prompt = {"input_ids": rng.integers(0, vocab, size=(1, 128), dtype=np.int64)}

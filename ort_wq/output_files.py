@@ -43,11 +43,19 @@ except ImportError:  # pragma: no cover - not POSIX: no locking (one writer at a
 
 from .model_io import ModelInputError, external_files, release
 
-__all__ = ["AtomicModelWriter", "ExternalDataSink", "same_file"]
+__all__ = ["AtomicModelWriter", "ExternalDataSink", "same_file", "was_written"]
 
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _ENV_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EACCES, errno.EPERM, errno.EROFS,
                errno.EISDIR, errno.ENOTDIR}
+
+
+_WRITTEN: set[str] = set()  # outputs this process has put in place (for what an interrupted CLI reports)
+
+
+def was_written(path: str | os.PathLike) -> bool:
+    """Whether this process has completed a write of ``path``."""
+    return os.path.abspath(path) in _WRITTEN
 
 
 def same_file(a: Path, b: Path) -> bool:
@@ -150,8 +158,12 @@ class AtomicModelWriter:
             # under the folder lock: no other writer's cleanup sees our folder before it is locked
             with _locked_folder(self.parent):
                 self._remove_stale_temporaries()
-                tmp.mkdir()
-                self.tmp = tmp
+                self.tmp = tmp  # before mkdir: a signal handled as mkdir returns must still remove it
+                try:
+                    tmp.mkdir()
+                except FileExistsError:  # not ours (48 random bits never repeat in practice)
+                    self.tmp = None
+                    raise
                 self._tmp_fd = _lock_path(tmp)
             if self.external_data:
                 self.sink = ExternalDataSink(tmp, self.data_name)
@@ -187,6 +199,7 @@ class AtomicModelWriter:
             raise _as_input_error(exc, self.parent) from None
         with _signals_held(), _locked_folder(self.parent):
             written = self._commit()
+            _WRITTEN.add(os.path.abspath(self.dest))
         if self.sink is not None:
             ir.external_data.set_base_dir(model.graph, str(self.parent))
         return written
@@ -342,15 +355,15 @@ def _signals_held():
     pending: list[int] = []
     sigs = [signal.SIGINT, signal.SIGTERM]
     old: dict[int, Any] = {}
-    for s in sigs:
-        old[s] = signal.signal(s, lambda num, frame: pending.append(num))
     completed = False
     try:
+        for s in sigs:
+            old[s] = signal.signal(s, lambda num, frame: pending.append(num))
         yield
         completed = True
     finally:
-        for s in sigs:
-            signal.signal(s, old[s])
+        for s, handler in old.items():
+            signal.signal(s, handler)
         for s in pending[:1]:
             handler = old[s]
             try:

@@ -176,11 +176,15 @@ def test_sigterm_leaves_nothing_behind(source, tmp_path):
         time.sleep(0.002)  # until the job writes its temporary files
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    if proc.returncode == 0:
+    if proc.returncode in (0, -signal.SIGTERM) and out.exists():  # finished first (or was exiting)
+        assert _leftovers(tmp_path, "out.onnx") == [] and len(_data_files(tmp_path, "out.onnx")) == 1
         pytest.skip("the job finished before SIGTERM arrived")
-    assert proc.returncode == 143 and "terminated; nothing was written" in err and "Traceback" not in err, err
-    assert len(err.strip().splitlines()) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert proc.returncode == 143 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    if "the output was written" in err:  # SIGTERM came during the final renames: held until done
+        assert _leftovers(tmp_path, "out.onnx") == [] and len(_data_files(tmp_path, "out.onnx")) == 1
+    else:
+        assert "terminated; nothing was written" in err
+        assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_stale_temporaries_of_killed_writers_are_removed(source, tmp_path):

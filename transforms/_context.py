@@ -131,6 +131,10 @@ class QuantContext:
             except ValueError as exc:
                 raise ModelInputError(f"weight {what!r} {ref.tensor.shape}: {first_line(exc)}") from None
             del w
+            if not (np.isfinite(np.asarray(result.scale, np.float32)).all() and _finite_zero_points(result)):
+                # a NaN or infinite weight makes its block's range (and so its scale) non-finite
+                raise ModelInputError(f"weight {what!r} {list(ref.tensor.shape)} holds NaN or infinite values; "
+                                      "fix the model (or exclude the weight with --exclude)")
             release(ref.tensor)  # the float weight leaves memory once it is quantized
             out = {}
             for kind, (storage, opts) in packers.items():
@@ -192,6 +196,8 @@ class QuantContext:
                 entry = pending.pop(fut)
                 try:
                     tensors = fut.result()
+                except ModelInputError:
+                    raise  # already names the weight and what to do
                 except Exception as exc:
                     raise RuntimeError(f"quantizing weight {entry.ref.value.name!r} failed: {exc}") from exc
                 for kind, values in entry.values.items():
@@ -213,6 +219,11 @@ class QuantContext:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
+
+
+def _finite_zero_points(result: QuantizedWeight) -> bool:
+    zp = result.zero_point
+    return zp is None or not np.issubdtype(np.asarray(zp).dtype, np.floating) or bool(np.isfinite(zp).all())
 
 
 def _owner_graph(value: ir.Value) -> ir.Graph | None:

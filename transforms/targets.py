@@ -237,7 +237,7 @@ def resolve_spec(target: Target, config: WeightOnlyConfig) -> tuple[QuantSpec, l
     algorithm, notes = algorithm_for(target, config)
     spec = with_zero_points(config.spec_for(target.names, k), algorithm, config)
     top = max(16, 1 << max(0, k - 1).bit_length())
-    if spec.block_size > top:
+    if spec.block_size > top and config.format != "fpq4":  # MatMulFpQ4's blocks are 32, whatever K
         notes.append(f"block size {spec.block_size} is larger than K={k}: using {top}")
         spec = replace(spec, block_size=top)
     if target.gathered:
