@@ -127,7 +127,8 @@ class QuantContext:
         def job() -> dict[str, dict[str, ir.TensorProtocol]]:
             w = ref.numpy()
             try:
-                result: QuantizedWeight = fn(w, spec, stats)
+                with np.errstate(invalid="ignore", over="ignore"):  # non-finite weights: refused below
+                    result: QuantizedWeight = fn(w, spec, stats)
             except ValueError as exc:
                 raise ModelInputError(f"weight {what!r} {ref.tensor.shape}: {first_line(exc)}") from None
             del w

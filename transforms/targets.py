@@ -210,13 +210,13 @@ def find_targets(model: ir.Model, config: WeightOnlyConfig) -> TargetSet:
 
 
 def algorithm_for(target: Target, config: WeightOnlyConfig) -> tuple[str, list[str]]:
-    """The algorithm that quantizes ``target``: the configured one, or rtn for a calibrated
-    algorithm on a table that a Gather reads (a Hessian solution for the head moves error into the
-    rows the Gather reads as they are; measured: worse logits than rtn on a tied LM)."""
-    from ort_wq.algorithms import get_algorithm
+    """The algorithm that quantizes ``target``: the configured one, or rtn where an error-compensating
+    algorithm (GPTQ) would fit a head's outputs by moving error into the rows a Gather reads as
+    they are (measured: worse logits than rtn on a tied LM)."""
+    from ort_wq.algorithms.base import compensates_error
 
     name = config.algorithm
-    if get_algorithm(name)[1] and target.gathered:
+    if target.gathered and compensates_error(name):
         return "rtn", [f"read by a Gather: the rows themselves must be accurate, {name} replaced by rtn"]
     return name, []
 

@@ -165,6 +165,7 @@ class OptionSpec:
 Algorithm = Callable[[np.ndarray, QuantSpec, "LayerStats | None"], QuantizedWeight]
 _REGISTRY: dict[str, tuple[Algorithm, bool]] = {}
 _FLOAT_ZERO_POINTS: set[str] = set()
+_COMPENSATING: set[str] = set()
 _OPTIONS: dict[str, dict[str, OptionSpec]] = {}
 _INTERNAL_OPTIONS: tuple[str, ...] = ()  # set by the transform only (awq's allow_input_scale is a user option too)
 
@@ -174,12 +175,16 @@ def register(
     needs_calibration: bool = False,
     float_zero_points: bool = False,
     options: dict[str, OptionSpec] | None = None,
+    compensates: bool = False,
 ) -> Callable[[Algorithm], Algorithm]:
     """Decorator: register ``fn(w[K, N], spec, stats) -> QuantizedWeight`` under ``name``.
 
     ``float_zero_points``: the algorithm returns float zero points for asymmetric weights when
     ``spec.float_zero_points`` allows it (the transform lays out the initializers accordingly);
-    others always return uint8 zero points. ``options``: an :class:`OptionSpec` per keyword-only
+    others always return uint8 zero points. ``compensates``: the algorithm moves each weight's
+    rounding error into the weights not yet quantized (GPTQ), so its result fits the layer's
+    outputs rather than each weight: unfit for a table that a Gather also reads as it is.
+    ``options``: an :class:`OptionSpec` per keyword-only
     parameter users may set, checked by :func:`check_options` before any work starts.
     """
 
@@ -191,6 +196,8 @@ def register(
         _OPTIONS[name] = dict(options or {})
         if float_zero_points:
             _FLOAT_ZERO_POINTS.add(name)
+        if compensates:
+            _COMPENSATING.add(name)
         return fn
 
     return deco
@@ -213,6 +220,12 @@ def check_options(name: str, options: dict[str, Any]) -> None:
     for key, value in options.items():
         if key in specs:
             specs[key].check(f"algorithm option {key}", value)
+
+
+def compensates_error(name: str) -> bool:
+    """Whether algorithm ``name`` rewrites not-yet-quantized weights to absorb rounding errors (GPTQ)."""
+    _load_all()
+    return name in _COMPENSATING
 
 
 def uses_float_zero_points(name: str) -> bool:

@@ -162,7 +162,7 @@ def _group_params(rows: np.ndarray, spec: QuantSpec, dtype, ratios) -> tuple[np.
     return s[:, 0], z[:, 0]
 
 
-@register("gptq", needs_calibration=True, options={
+@register("gptq", needs_calibration=True, compensates=True, options={
     "damp": OptionSpec(float, min=0), "act_order": OptionSpec(bool), "block": OptionSpec(int, min=1),
     "clip_search": OptionSpec(bool)})
 @one_blas_thread
