@@ -1,6 +1,7 @@
 """The shared real LLM (smollm2-2l: SmolLM2-135M cut to 2 layers, onnxruntime-genai layout, tied table).
 
-Skipped cleanly when ../shared is absent; the onnxruntime-genai check also when it is not installed.
+Skipped cleanly when ../shared is absent. (Generation in onnxruntime-genai with a quantized folder:
+tests/test_llm_shared.py.)
 """
 
 from __future__ import annotations
@@ -66,20 +67,3 @@ def test_default_output_follows_the_original(quantized):
     got = _logits(out / "model.onnx", ids)
     agree = np.mean(ref.argmax(-1) == got.argmax(-1))
     assert np.isfinite(got).all() and agree > 0.5, agree
-
-
-def test_loads_and_generates_in_onnxruntime_genai(quantized):
-    og = pytest.importorskip("onnxruntime_genai")
-    out, _ = quantized
-    model = og.Model(str(out))
-    tokenizer = og.Tokenizer(model)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=40, do_sample=False)
-    gen = og.Generator(model, params)
-    prompt = tokenizer.encode("The capital of France is")
-    gen.append_tokens(prompt)
-    steps = 0
-    while not gen.is_done() and steps < 8:
-        gen.generate_next_token()
-        steps += 1
-    assert steps == 8 and len(gen.get_sequence(0)) == len(prompt) + 8
