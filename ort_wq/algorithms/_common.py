@@ -277,6 +277,7 @@ def search_clip(
     hblocks: np.ndarray | None = None,
     weights: Callable[[np.ndarray, int, int], np.ndarray] | None = None,
     no_saturation: bool = False,
+    refit: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per group, the clip ratio of ``ratios`` with the lowest error; returns ``(scale, zp)`` [N, kb].
 
@@ -287,6 +288,8 @@ def search_clip(
     ``e^T H_gg e``. Ratio 1 (the RTN range) is always in the grid, so no group gets worse than
     the min/max range under the measured error. ``no_saturation``: other ratios only where no
     weight is clipped beyond half a step (so no weight's error exceeds half of rtn's step).
+    ``refit(x_chunk, weights_chunk, scale, zp) -> (scale, zp)``: with ``weights``, each ratio but
+    the first also tries the parameters refitted from its own (padding carries no weight).
     """
     maxq = maxq_of(spec.bits)
     n, kb, bs = x.shape
@@ -301,14 +304,18 @@ def search_clip(
         best_err = None
         for i, r in enumerate(ratios):
             s, z = minmax_params(lo, hi, spec, float(r), dtype)
-            err = group_error(xc, s, z, maxq, mask, hblocks, wc, norm, no_saturation and i > 0)
-            if best_err is None:
-                best_err, best_s, best_z = err, s, z
-            else:
-                better = err < best_err
-                best_err = np.where(better, err, best_err)
-                best_s = np.where(better, s, best_s)
-                best_z = np.where(better, z, best_z)
+            cands = [(s, z)]
+            if refit is not None and wc is not None and i > 0:
+                cands.append(refit(xc, wc if mask is None else wc * mask, s, z))
+            for s, z in cands:
+                err = group_error(xc, s, z, maxq, mask, hblocks, wc, norm, no_saturation and i > 0)
+                if best_err is None:
+                    best_err, best_s, best_z = err, s, z
+                else:
+                    better = err < best_err
+                    best_err = np.where(better, err, best_err)
+                    best_s = np.where(better, s, best_s)
+                    best_z = np.where(better, z, best_z)
         scale[c0:c1] = best_s
         zp[c0:c1] = best_z
 

@@ -32,18 +32,14 @@ import numpy as np
 from ._common import (
     check_weight,
     finalize,
-    group_error,
-    group_norm,
     group_view,
-    masked_minmax,
     maxq_of,
-    minmax_params,
     out_dtype,
     quantize,
     require_stats,
     round_scale,
     round_zp,
-    run_chunks,
+    search_clip,
     sym_zero,
 )
 from ._importance import activation_weighted
@@ -97,33 +93,11 @@ def refit(x, wts, scale, zp, spec: QuantSpec, dtype, maxq: int) -> tuple[np.ndar
 def weighted_search(x, mask, spec: QuantSpec, dtype, weights, ratios, refine: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Per group, the best candidate (ratio, then optional refit) under the weighted error; ``(scale, zp)``."""
     maxq = maxq_of(spec.bits)
-    n, kb, bs = x.shape
-    scale = np.empty((n, kb), dtype=np.float32)
-    zp = np.empty((n, kb), dtype=np.float32)
 
-    def one(c0: int, c1: int) -> None:
-        xc = x[c0:c1]
-        lo, hi = masked_minmax(xc, mask)
-        norm = group_norm(lo, hi)
-        wc = weights(xc, c0, c1)
-        if mask is not None:
-            wc = wc * mask
-        best = None
-        for i, r in enumerate(ratios):
-            s, z = minmax_params(lo, hi, spec, float(r), dtype)
-            cands = [(s, z)] if i == 0 or not refine else [(s, z), refit(xc, wc, s, z, spec, dtype, maxq)]
-            for s, z in cands:
-                err = group_error(xc, s, z, maxq, mask, None, wc, norm)
-                if best is None:
-                    best = [err, s, z]
-                    continue
-                better = err < best[0]
-                best = [np.where(better, err, best[0]), np.where(better, s, best[1]), np.where(better, z, best[2])]
-        scale[c0:c1] = best[1]
-        zp[c0:c1] = best[2]
+    def fit(xc, wc, s, z):
+        return refit(xc, wc, s, z, spec, dtype, maxq)
 
-    run_chunks(one, n, kb * bs)
-    return scale, zp
+    return search_clip(x, mask, spec, dtype, ratios, weights=weights, refit=fit if refine else None)
 
 
 @register("imatrix", needs_calibration=True, options={
