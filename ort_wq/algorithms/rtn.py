@@ -136,21 +136,44 @@ def _slab_mlas(w3: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray,
     return q, stored, None if spec.symmetric else zp.astype(np.uint8)
 
 
-def _outputs(n: int, kb: int, bs: int, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Empty codes ``[N, kb, bs]``, scales and zero points ``[N, kb]`` to be filled slab by slab."""
-    zero_point = None if spec.symmetric else np.empty((n, kb), dtype=np.uint8)
-    return np.empty((n, kb, bs), dtype=np.uint8), np.empty((n, kb), dtype=np.float32), zero_point
-
-
-def _rtn_rows(wt: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
-    """:func:`rtn_fast` for a weight stored transposed, ``wt = W.T`` ``[N, K]`` (a Gather table, a
-    ``transB`` Gemm weight): its blocks are contiguous along rows, so chunks of rows are viewed as
-    ``[kb, bs, rows]`` slabs; no transposed copy of the float weight is made."""
-    n, k = wt.shape
+def _quantize_slabs(slabs, n: int, k: int, spec: QuantSpec) -> QuantizedWeight:
+    """Fill codes ``[N, kb, bs]``, scales and zero points ``[N, kb]`` from ``(rows, blocks, w3)``
+    slabs: ``w3`` a float32 ``[blocks, bs, rows]`` view of the zero-padded weight, ``rows`` and
+    ``blocks`` the slices of the outputs it fills."""
     bs = spec.block_size
     kb = -(-k // bs)
     slab = _slab_inc if _inc(spec) else _slab_mlas
-    q, scale, zero_point = _outputs(n, kb, bs, spec)
+    q = np.empty((n, kb, bs), dtype=np.uint8)
+    scale = np.empty((n, kb), dtype=np.float32)
+    zero_point = None if spec.symmetric else np.empty((n, kb), dtype=np.uint8)
+    for rows, blocks, w3 in slabs:
+        qs, ss, zs = slab(w3, spec)
+        q[rows, blocks] = qs.transpose(2, 0, 1)
+        scale[rows, blocks] = ss.T
+        if zero_point is not None:
+            zero_point[rows, blocks] = zs.T
+    return QuantizedWeight(_finish(q, k), scale, zero_point, spec.bits, k)
+
+
+def _column_slabs(w: np.ndarray, bs: int):
+    """Slabs of ``W[K, N]`` as stored: K blocks at a time, every column (min/max over contiguous rows)."""
+    k, n = w.shape
+    kb = -(-k // bs)
+    step = max(1, _SLAB_VALUES // max(1, bs * n))
+    for b0 in range(0, kb, step):
+        b1 = min(kb, b0 + step)
+        rows = w[b0 * bs : min(k, b1 * bs)]
+        if rows.shape[0] < (b1 - b0) * bs:  # the last block: zero padding (never changes the range)
+            rows = np.concatenate([rows, np.zeros(((b1 - b0) * bs - rows.shape[0], n), np.float32)])
+        yield slice(None), slice(b0, b1), np.ascontiguousarray(rows).reshape(b1 - b0, bs, n)
+
+
+def _row_slabs(wt: np.ndarray, bs: int):
+    """Slabs of a weight stored transposed, ``wt = W.T`` ``[N, K]`` (a Gather table, a ``transB``
+    Gemm weight): its blocks are contiguous along rows, so chunks of rows are viewed as
+    ``[kb, bs, rows]``; no transposed copy of the float weight is made."""
+    n, k = wt.shape
+    kb = -(-k // bs)
     step = max(1, _SLAB_VALUES // max(1, kb * bs))
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
@@ -159,37 +182,18 @@ def _rtn_rows(wt: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
             padded = np.zeros((r1 - r0, kb * bs), dtype=np.float32)
             padded[:, :k] = rows
             rows = padded
-        qs, ss, zs = slab(rows.reshape(r1 - r0, kb, bs).transpose(1, 2, 0), spec)
-        q[r0:r1] = qs.transpose(2, 0, 1)
-        scale[r0:r1] = ss.T
-        if zero_point is not None:
-            zero_point[r0:r1] = zs.T
-    return QuantizedWeight(_finish(q, k), scale, zero_point, spec.bits, k)
+        yield slice(r0, r1), slice(None), rows.reshape(r1 - r0, kb, bs).transpose(1, 2, 0)
 
 
 def rtn_fast(w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
-    """Round to nearest on ``W[K, N]`` float32, bit-identical to :func:`rtn_reference`."""
+    """Round to nearest on ``W[K, N]`` float32, bit-identical to :func:`rtn_reference`; a weight
+    stored transposed (``W.T`` C-contiguous) is read in its own layout."""
     if w.dtype != np.float32:
         return rtn_reference(w, spec)
-    if not w.flags.c_contiguous and w.T.flags.c_contiguous:
-        return _rtn_rows(w.T, spec)
     k, n = w.shape
-    bs = spec.block_size
-    kb = -(-k // bs)
-    slab = _slab_inc if _inc(spec) else _slab_mlas
-    q, scale, zero_point = _outputs(n, kb, bs, spec)
-    step = max(1, _SLAB_VALUES // max(1, bs * n))
-    for b0 in range(0, kb, step):
-        b1 = min(kb, b0 + step)
-        rows = w[b0 * bs : min(k, b1 * bs)]
-        if rows.shape[0] < (b1 - b0) * bs:  # the last block: zero padding (never changes the range)
-            rows = np.concatenate([rows, np.zeros(((b1 - b0) * bs - rows.shape[0], n), np.float32)])
-        qs, ss, zs = slab(np.ascontiguousarray(rows).reshape(b1 - b0, bs, n), spec)
-        q[:, b0:b1, :] = qs.transpose(2, 0, 1)
-        scale[:, b0:b1] = ss.T
-        if zero_point is not None:
-            zero_point[:, b0:b1] = zs.T
-    return QuantizedWeight(_finish(q, k), scale, zero_point, spec.bits, k)
+    if not w.flags.c_contiguous and w.T.flags.c_contiguous:
+        return _quantize_slabs(_row_slabs(w.T, spec.block_size), n, k, spec)
+    return _quantize_slabs(_column_slabs(w, spec.block_size), n, k, spec)
 
 
 @register("rtn")
