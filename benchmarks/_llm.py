@@ -43,19 +43,12 @@ def calibration_tokens(rows: int = 8, seq: int = 256) -> np.ndarray | None:
 
 
 def feeds_for(model_path: str | os.PathLike, ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Forward-pass feeds for ``ids [b, s]``: mask of ones, empty KV cache."""
-    import onnx
+    """Forward-pass feeds for ``ids [b, s]``: mask of ones, empty KV cache (``ort_wq.feeds``)."""
+    from ort_wq.feeds import make_feeds
+    from ort_wq.model_io import load_model
 
-    model = onnx.load(str(model_path), load_external_data=False)
-    feeds: dict[str, np.ndarray] = {"input_ids": ids.astype(np.int64)}
-    for inp in model.graph.input:
-        if inp.name == "attention_mask":
-            feeds[inp.name] = np.ones(ids.shape, dtype=np.int64)
-        elif inp.name.startswith("past_key_values"):
-            dims = inp.type.tensor_type.shape.dim
-            heads, head_size = dims[1].dim_value, dims[3].dim_value or 64
-            feeds[inp.name] = np.zeros((ids.shape[0], heads, 0, head_size), dtype=np.float32)
-    return feeds
+    path = Path(model_path)
+    return make_feeds(load_model(path), input_ids=ids.astype(np.int64), folder=path.parent)
 
 
 def log_probs(model_path: str | os.PathLike, ids: np.ndarray, batch: int = 2) -> np.ndarray:
@@ -67,7 +60,9 @@ def log_probs(model_path: str | os.PathLike, ids: np.ndarray, batch: int = 2) ->
     sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
     out = []
     for i in range(0, len(ids), batch):
-        logits = sess.run(["logits"], feeds_for(model_path, ids[i : i + batch]))[0].astype(np.float32)
+        feeds = feeds_for(model_path, ids[i : i + batch])
+        logits = sess.run(["logits"], {k: v for k, v in feeds.items() if k in {x.name for x in sess.get_inputs()}})[0]
+        logits = logits.astype(np.float32)
         logits -= logits.max(-1, keepdims=True)
         logits -= np.log(np.exp(logits).sum(-1, keepdims=True))
         out.append(logits)
@@ -83,6 +78,11 @@ def nll(lp: np.ndarray, ids: np.ndarray) -> float:
 def kl(ref: np.ndarray, lp: np.ndarray) -> float:
     """Mean KL(ref || quantized) per token, from log-probabilities."""
     return float((np.exp(ref) * (ref - lp)).sum(-1).mean())
+
+
+def top1(ref: np.ndarray, lp: np.ndarray) -> float:
+    """Share of positions where both models predict the same next token."""
+    return float((ref.argmax(-1) == lp.argmax(-1)).mean())
 
 
 def model_bytes(model_path: str | os.PathLike) -> int:

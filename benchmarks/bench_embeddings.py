@@ -15,8 +15,6 @@ tensor, embedding included). ``--write-readme`` puts the table in ``benchmarks/R
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -26,69 +24,21 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _llm as L  # noqa: E402
 from _report import command_line, machine, md_table, update_readme  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-DEFAULT_MODEL = Path(os.environ.get("ORT_WQ_DEV_CACHE", Path.home() / ".cache" / "ort-wq-dev")) / "smollm2-135m"
-TOKENS = SHARED / "models" / "smollm2-2l" / "dev_tokens.npz"
+DEFAULT_MODEL = L.SMOLLM2
 
 
-def feeds_for(session, ids: np.ndarray, config: dict) -> dict[str, np.ndarray]:
-    """A plain forward pass of a genai decoder: mask of ones, empty KV cache (sizes from genai_config.json)."""
-    feeds = {}
-    for inp in session.get_inputs():
-        if inp.name == "input_ids":
-            feeds[inp.name] = ids
-        elif inp.name == "attention_mask":
-            feeds[inp.name] = np.ones_like(ids)
-        elif inp.name.startswith("past_key_values"):
-            heads, head_size = config["num_key_value_heads"], config["head_size"]
-            feeds[inp.name] = np.zeros((ids.shape[0], heads, 0, head_size), dtype=np.float32)
-        else:
-            raise SystemExit(f"input {inp.name!r} is not one of a genai decoder's")
-    return feeds
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-def window_logprobs(path: Path, tokens: np.ndarray):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    config = json.loads((DEFAULT_MODEL / "genai_config.json").read_text())["model"]["decoder"]
-    for row in tokens:
-        ids = row[None, :].astype(np.int64)
-        (logits,) = sess.run(["logits"], feeds_for(sess, ids, config))
-        yield log_softmax(logits[0, :-1].astype(np.float64)).astype(np.float32), row[1:]
-
-
-def evaluate(path: Path, tokens: np.ndarray, reference: list[np.ndarray] | None):
-    nll, kl, top1, out = [], [], [], []
-    for i, (lp, target) in enumerate(window_logprobs(path, tokens)):
-        nll.append(-lp[np.arange(len(target)), target].mean())
-        if reference is not None:
-            ref = reference[i]
-            kl.append(float((np.exp(ref) * (ref - lp)).sum(-1).mean()))
-            top1.append(float((ref.argmax(-1) == lp.argmax(-1)).mean()))
-        else:
-            out.append(lp)
-    m = float(np.mean(nll))
-    return dict(nll=m, ppl=float(np.exp(m)), kl=float(np.mean(kl)) if kl else 0.0,
-                top1=float(np.mean(top1)) if top1 else 1.0), out
-
-
-def files_bytes(model: Path) -> int:
-    total = model.stat().st_size
-    for p in model.parent.iterdir():
-        if p.name.startswith(model.name) and p != model and not p.name.endswith(".tmp"):
-            total += p.stat().st_size
-    return total
+def evaluate(path: Path, tokens: np.ndarray, reference: np.ndarray | None) -> tuple[dict, np.ndarray]:
+    """NLL, perplexity, KL and top-1 against ``reference`` log-probabilities (``_llm``)."""
+    lp = L.log_probs(path, tokens)
+    m = L.nll(lp, tokens)
+    if reference is None:
+        return dict(nll=m, ppl=float(np.exp(m)), kl=0.0, top1=1.0), lp
+    return dict(nll=m, ppl=float(np.exp(m)), kl=L.kl(reference[:, :-1], lp[:, :-1]),
+                top1=L.top1(reference[:, :-1], lp[:, :-1])), lp
 
 
 def main() -> int:
@@ -100,7 +50,7 @@ def main() -> int:
     src = args.model / "model.onnx"
     if not src.exists():
         raise SystemExit(f"{src} not found: build it with ../shared/llm/build_smollm2.sh")
-    tokens = np.load(TOKENS)["input_ids"]
+    tokens = L.dev_tokens()
 
     import ort_wq
 
@@ -134,7 +84,8 @@ def main() -> int:
             metrics, logprobs = evaluate(path, tokens, reference)
             if reference is None:
                 reference = logprobs
-            rows.append([label, f"{files_bytes(path) / 1e6:.1f}", f"{metrics['nll']:.4f}", f"{metrics['ppl']:.2f}",
+            del logprobs
+            rows.append([label, f"{L.model_bytes(path) / 1e6:.1f}", f"{metrics['nll']:.4f}", f"{metrics['ppl']:.2f}",
                          f"{metrics['kl']:.4f}", f"{metrics['top1']:.3f}", f"{seconds:.1f}" if seconds else ""])
             print(" | ".join(rows[-1]), flush=True)
             if how is not None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import command_line, machine, md_table, median  # noqa: E402
-from bench_embeddings import DEFAULT_MODEL  # noqa: E402
+from _llm import SMOLLM2 as DEFAULT_MODEL  # noqa: E402
 
 PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 

@@ -6,7 +6,6 @@ tests/test_llm_shared.py.)
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -23,13 +22,11 @@ pytestmark = pytest.mark.skipif(not (SMOLLM / "model.onnx").exists(), reason="..
 def _logits(path: Path, ids: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
+    from ort_wq.feeds import make_feeds
+    from ort_wq.model_io import load_model
+
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    cfg = json.loads((SMOLLM / "genai_config.json").read_text())["model"]["decoder"]
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    for inp in sess.get_inputs():
-        if inp.name.startswith("past_key_values"):
-            feeds[inp.name] = np.zeros((ids.shape[0], cfg["num_key_value_heads"], 0, cfg["head_size"]), np.float32)
-    return sess.run(["logits"], feeds)[0]
+    return sess.run(["logits"], make_feeds(load_model(path), input_ids=ids, folder=path.parent))[0]
 
 
 @pytest.fixture(scope="module")
