@@ -15,7 +15,6 @@ from .config import WeightOnlyConfig
 from .model_io import load_model
 from .report import _mb, format_by_reader, initializer_bytes_by_reader
 
-_QUANT_OPS = {"MatMulNBits", "MatMulFpQ4", "GatherBlockQuantized"}
 
 
 def _attrs(node: ir.Node) -> dict:
@@ -40,41 +39,38 @@ def _quantized_status(node: ir.Node) -> dict:
 
 def inspect_rows(model: ir.Model, config: WeightOnlyConfig | None = None) -> list[dict]:
     """One row per candidate or quantized node: graph, node, op, weight, K, N, status."""
-    from ort_wq.transforms.targets import find_targets, kind_of
+    from ort_wq.transforms._emitters import CONTRIB_OPS
+    from ort_wq.transforms.targets import NOT_A_CANDIDATE, find_targets, kind_of
 
     found = find_targets(model, config or WeightOnlyConfig())
-    skipped = {id(s): s for s in found.skipped}
-    reasons = {s.node: s.reason for s in found.skipped}
     rows = []
     for graph in (model.graph, *model.graph.subgraphs()):
         where = graph.name or ("main" if graph is model.graph else "subgraph")
         for node in graph:
             row = dict(graph=where, node=node.name or "<unnamed>", op=node.op_type, weight="", k="", n="", status="")
-            if node.domain == "com.microsoft" and node.op_type in _QUANT_OPS:
+            kind = kind_of(node)
+            if node.domain == "com.microsoft" and node.op_type in CONTRIB_OPS:
                 row.update(_quantized_status(node))
-                rows.append(row)
+            elif kind is None:
                 continue
-            if kind_of(node) is None:
-                continue
-            consumer, target, reason = found.lookup(node)
-            if consumer is not None:
-                spec = target.spec
-                shared = f", shared by {len(target.consumers)} nodes" if len(target.consumers) > 1 else ""
-                row.update(weight=consumer.ref.value.name, k=consumer.ref.k, n=consumer.ref.n,
-                           status=f"quantizable ({consumer.ref.dtype.name.lower()}): {spec.bits}-bit block "
-                           f"{spec.block_size}{' sym' if spec.symmetric else ' asym'}{shared}")
-            elif any(s.node == (node.name or "") for s in found.skipped) or reason != "not a weight consumer":
-                w = [s.weight for s in found.skipped if s.node == (node.name or "")]
-                producer = node.inputs[1].producer() if len(node.inputs) > 1 and node.inputs[1] is not None else None
-                if producer is not None and producer.op_type == "DequantizeLinear":
-                    row.update(weight=producer.inputs[0].name, status="quantized: QDQ block "
-                               f"{_attrs(producer).get('block_size', 0)}")
-                else:
-                    row.update(weight=w[0] if w else "", status=f"not quantizable: {reasons.get(node.name or '', reason)}")
             else:
-                continue
+                consumer, target, reason = found.lookup(node)
+                w = node.inputs[kind.weight_input] if kind.weight_input < len(node.inputs) else None
+                producer = w.producer() if w is not None else None
+                if consumer is not None:
+                    spec = target.spec
+                    shared = f", shared by {len(target.consumers)} nodes" if len(target.consumers) > 1 else ""
+                    row.update(weight=consumer.ref.value.name, k=consumer.ref.k, n=consumer.ref.n,
+                               status=f"quantizable ({consumer.ref.dtype.name.lower()}): {spec.bits}-bit block "
+                               f"{spec.block_size}{' sym' if spec.symmetric else ' asym'}{shared}")
+                elif producer is not None and producer.op_type == "DequantizeLinear":
+                    row.update(weight=producer.inputs[0].name,
+                               status=f"quantized: QDQ block {_attrs(producer).get('block_size', 0)}")
+                elif reason == NOT_A_CANDIDATE:  # e.g. a Gather of shapes, not of a table
+                    continue
+                else:
+                    row.update(weight=(w.name or "") if w is not None else "", status=f"not quantizable: {reason}")
             rows.append(row)
-    del skipped
     return rows
 
 

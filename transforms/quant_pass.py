@@ -18,10 +18,10 @@ from ort_wq.config import WeightOnlyConfig
 from ort_wq.report import QuantizedTensor, QuantReport, SkippedNode, initializer_bytes, initializer_bytes_by_reader
 
 from ._context import QuantContext, QuantEntry
+from ._emitters import CONTRIB_OPS
 from .opset import ensure_opset
 from .rule_set import rules
 
-_CONTRIB_OPS = {"MatMulNBits", "MatMulFpQ4", "GatherBlockQuantized"}
 
 
 class WeightOnlyQuantPass(ir.passes.InPlacePass):
@@ -66,7 +66,7 @@ class WeightOnlyQuantPass(ir.passes.InPlacePass):
         finally:
             ctx.shutdown()
         if count:
-            if "com.microsoft" not in model.opset_imports and any(c.new_op in _CONTRIB_OPS for c in ctx.report.converted):
+            if "com.microsoft" not in model.opset_imports and any(c.new_op in CONTRIB_OPS for c in ctx.report.converted):
                 model.opset_imports["com.microsoft"] = 1
             RemoveUnusedNodesPass()(model)
             _remove_unused_subgraph_initializers(model)

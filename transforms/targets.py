@@ -70,7 +70,8 @@ OPS: dict[tuple[str, str], OpKind] = {
     ("", "Gather"): OpKind("Gather", 0, lambda n: True, _gather_reason, None, embedding=True),
 }
 assert {k.op_type for k in OPS.values()} == set(OP_TYPES), "config.OP_TYPES and the table disagree"
-GATHER_BITS = (4, 8)  # GatherBlockQuantized on uint8 data
+GATHER_BITS = (4, 8)
+NOT_A_CANDIDATE = "not a weight consumer"  # lookup()'s reason for nodes the table does not take (a Gather of shapes)  # GatherBlockQuantized on uint8 data
 
 
 def kind_of(node: ir.Node) -> OpKind | None:
@@ -133,7 +134,7 @@ class TargetSet:
         hit = self._by_node.get(id(node))
         if hit is not None:
             return hit[0], hit[1], ""
-        return None, None, self._reasons.get(id(node), "not a weight consumer")
+        return None, None, self._reasons.get(id(node), NOT_A_CANDIDATE)
 
     def activations(self) -> dict[str, int]:
         """Activation value name -> K, for every main-graph consumer with an activation input."""
