@@ -70,8 +70,8 @@ OPS: dict[tuple[str, str], OpKind] = {
     ("", "Gather"): OpKind("Gather", 0, lambda n: True, _gather_reason, None, embedding=True),
 }
 assert {k.op_type for k in OPS.values()} == set(OP_TYPES), "config.OP_TYPES and the table disagree"
-GATHER_BITS = (4, 8)
-NOT_A_CANDIDATE = "not a weight consumer"  # lookup()'s reason for nodes the table does not take (a Gather of shapes)  # GatherBlockQuantized on uint8 data
+GATHER_BITS = (4, 8)  # GatherBlockQuantized on uint8 data
+NOT_A_CANDIDATE = "not a weight consumer"  # lookup()'s reason for nodes the table does not take (a Gather of shapes)
 
 
 def kind_of(node: ir.Node) -> OpKind | None:
