@@ -192,7 +192,7 @@ class AtomicModelWriter:
             self._move_tensors(model)
             if self.sink is not None:
                 self.sink.close(sync=self.durable)
-            ir.save(model, self.tmp / self.dest.name)
+            (self.tmp / self.dest.name).write_bytes(serialize(model).SerializeToString())
             if self.durable:
                 _fsync_file(self.tmp / self.dest.name)
         except OSError as exc:
@@ -279,6 +279,30 @@ class AtomicModelWriter:
                 continue
             shutil.rmtree(entry.path, ignore_errors=True)
             os.close(fd)
+
+
+def serialize(model: ir.Model) -> onnx.ModelProto:
+    """The model as a proto, without the value_info entries that only repeat an initializer's type and shape.
+
+    onnx_ir writes a value_info for every initializer; the initializer itself already holds its
+    type and shape, so these are dropped (those carrying a doc string or metadata are kept).
+    """
+    proto = ir.serde.serialize_model(model)
+    todo = [proto.graph]
+    while todo:
+        graph = todo.pop()
+        inits = {t.name for t in graph.initializer}
+        keep = [v for v in graph.value_info if v.name not in inits or v.doc_string or v.metadata_props]
+        if len(keep) != len(graph.value_info):
+            del graph.value_info[:]
+            graph.value_info.extend(keep)
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    todo.append(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    todo.extend(attr.graphs)
+    return proto
 
 
 def _locations(path: Path) -> set[str]:
