@@ -224,8 +224,8 @@ def save_model(
 ) -> list[Path]:
     """Save ``model`` to ``path`` atomically; returns the files written.
 
-    ``external_data=None`` writes external data (``<name>.<token>.data``, a name of its own for
-    each write) when the model had it or is too large for one protobuf. ``path`` names the old
+    ``external_data=None`` writes external data (``<name>.data``, or ``<name>_data`` when the
+    current ``path`` reads that name) when the model had it or is too large for one protobuf. ``path`` names the old
     model or the complete new one at every instant (see :mod:`ort_wq.output_files`);
     ``durable=False`` skips the fsyncs that make this hold across a power loss (throw-away copies).
     """

@@ -1,21 +1,25 @@
 """Writing a model so that its path names a complete model at every instant (or nothing).
 
-A model with external data is two files, and no pair of renames replaces two files at once. So
-every write gets its own data file name, ``<OUTPUT>.<token>.data`` (``token``: 12 random hex
-digits), referenced by the graph. The order is:
+A model with external data is two files, and no pair of renames replaces two files at once. So a
+write never reuses the data file the current graph reads: it takes ``<OUTPUT>.data`` or, when
+that name is in use, ``<OUTPUT>_data`` (the two names onnxruntime-genai's builder and optimum
+write), and ``<OUTPUT>.<token>.data`` (``token``: 12 random hex digits) only when both exist.
+Consecutive writes of one output alternate between the two plain names. The order is:
 
 1. graph and data are written (and fsync'ed) in a temporary folder ``.<OUTPUT>.<token>.tmp``
    beside ``OUTPUT``; a failure (or Ctrl-C / SIGTERM) removes that folder and nothing else;
 2. under an exclusive lock on the output folder (``flock``, so concurrent writers take turns),
-   the data file is renamed into the folder under its new name: nothing refers to it yet;
+   the data file's name is chosen (a name no file has), written into the graph, and the data
+   file is renamed into the folder under it: nothing refers to it yet;
 3. the graph is renamed onto ``OUTPUT``: the only step readers can see, atomic;
 4. data files of earlier writes of ``OUTPUT`` (``<OUTPUT>.<token>.data`` not referenced by the
-   new graph, and the old graph's ``<OUTPUT>.data``) are removed, never a file the input reads.
+   new graph, and the plain names when the old graph read them) are removed, never a file the
+   input reads.
 
-A process killed between 2 and 3 leaves an unreferenced data file; one killed before leaves its
-temporary folder. Both are removed by the next write of the same output: a temporary folder is
-held by an ``flock`` while its writer lives (taken under the folder lock, as is the clean-up), so
-only those of dead writers are taken.
+A process killed between 2 and 3 leaves an unreferenced data file (its temporary folder, left
+too, names it); one killed before leaves its temporary folder. Both are removed by the next write
+of the same output: a temporary folder is held by an ``flock`` while its writer lives (taken
+under the folder lock, as is the clean-up), so only those of dead writers are taken.
 Ctrl-C and SIGTERM during steps 2-4 are held back until step 4 is done.
 """
 
@@ -129,7 +133,8 @@ class AtomicModelWriter:
             raise ModelInputError(f"{self.parent}: output folder is not writable (check its permissions)")
         self.external_data = external_data
         self.token = secrets.token_hex(6)
-        self.data_name = f"{self.dest.name}.{self.token}.data"
+        self.data_name = f"{self.dest.name}.{self.token}.data"  # in the temporary folder; renamed in step 2
+        self.plain_names = (f"{self.dest.name}.data", f"{self.dest.name}_data")
         self._data_re = re.compile(re.escape(self.dest.name) + r"\.[0-9a-f]{12}\.data")
         self._tmp_re = re.compile(r"\." + re.escape(self.dest.name) + r"\.[0-9a-f]{12}\.tmp")
         self.tmp: Path | None = None
@@ -192,16 +197,14 @@ class AtomicModelWriter:
             self._move_tensors(model)
             if self.sink is not None:
                 self.sink.close(sync=self.durable)
-            (self.tmp / self.dest.name).write_bytes(serialize(model).SerializeToString())
-            if self.durable:
-                _fsync_file(self.tmp / self.dest.name)
+            proto = serialize(model)
         except OSError as exc:
             raise _as_input_error(exc, self.parent) from None
         with _signals_held(), _locked_folder(self.parent):
-            written = self._commit()
+            written, data_name = self._commit(proto)
             _WRITTEN.add(os.path.abspath(self.dest))
         if self.sink is not None:
-            ir.external_data.set_base_dir(model.graph, str(self.parent))
+            _point_to(model, self.sink.folder, self.parent, data_name)
         return written
 
     def _move_tensors(self, model: ir.Model) -> None:
@@ -219,21 +222,33 @@ class AtomicModelWriter:
                     continue
                 release(t)
 
-    def _commit(self) -> list[Path]:
-        """Steps 2-4 of the module docstring (the caller holds the folder lock)."""
+    def _commit(self, proto: onnx.ModelProto) -> tuple[list[Path], str]:
+        """Steps 2-4 of the module docstring (the caller holds the folder lock); returns the files
+        written and the data file's name."""
         assert self.tmp is not None
-        legacy = self.parent / (self.dest.name + ".data")  # how earlier versions named the data file
-        old_refs = _locations(self.dest) if legacy.is_file() else set()
+        exists = any(os.path.lexists(self.parent / n) for n in self.plain_names)
+        old_refs = _locations(self.dest) if exists else set()  # what the current graph reads
+        self._remove_orphans(old_refs)
+        name = self.data_name
+        if self.sink is not None:
+            name = next((n for n in self.plain_names if not os.path.lexists(self.parent / n)), self.data_name)
+            _relocate(proto, self.data_name, name)
+        graph = self.tmp / self.dest.name
         written = []
         moved: Path | None = None
         try:
+            graph.write_bytes(proto.SerializeToString())
+            if self.durable:
+                _fsync_file(graph)
             if self.sink is not None:
-                moved = self.parent / self.data_name
+                moved = self.parent / name
                 if moved.exists():  # a 48-bit name clash: never replace a file
                     raise ModelInputError(f"{moved}: exists; run again")
+                # what a writer killed from here on leaves undone (see _remove_orphans)
+                (self.tmp / _MOVED).write_text("\n".join([name, *sorted(old_refs & set(self.plain_names) - {name})]))
                 os.replace(self.tmp / self.data_name, moved)
                 written.append(moved)
-            os.replace(self.tmp / self.dest.name, self.dest)
+            os.replace(graph, self.dest)
         except BaseException as exc:
             if moved is not None:
                 with contextlib.suppress(OSError):
@@ -244,23 +259,48 @@ class AtomicModelWriter:
         written.append(self.dest)
         if self.durable:
             _fsync_dir(self.parent)
-        self._remove_old_data(old_refs)
-        return written
+        self._remove_old_data(old_refs, name)
+        return written, name
 
-    def _remove_old_data(self, old_refs: set[str]) -> None:
+    def _remove_old_data(self, old_refs: set[str], keep: str) -> None:
         """Data files of earlier writes of this output (never ours, never one the input reads)."""
-        legacy = self.dest.name + ".data"
         for entry in os.scandir(self.parent):
             name = entry.name
-            if name == self.data_name or not (self._data_re.fullmatch(name) or (name == legacy and name in old_refs)):
+            if name == keep or not (self._data_re.fullmatch(name) or (name in self.plain_names and name in old_refs)):
                 continue
-            path = self.parent / name
-            if entry.is_file(follow_symlinks=False) and not any(same_file(path, p) for p in self._protected):
-                with contextlib.suppress(OSError):
-                    path.unlink()
+            self._remove(self.parent / name)
+
+    def _remove(self, path: Path) -> None:
+        if path.is_file() and not path.is_symlink() and not any(same_file(path, p) for p in self._protected):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    def _remove_orphans(self, old_refs: set[str]) -> None:
+        """What writers killed after step 2 left undone; their folders' notes say what it is.
+
+        A note names the data file moved in, then the old data files to remove. If the current
+        graph (which reads ``old_refs``) does not read the moved file, the writer died before
+        step 3 and the file is removed; otherwise step 4 is done for it.
+        """
+        for entry in self._dead_temporaries(noted=True):
+            with contextlib.suppress(OSError):
+                moved, *old = (Path(entry.path) / _MOVED).read_text().splitlines()
+                for name in (old if moved in old_refs else [moved]):
+                    if name in self.plain_names and name not in old_refs:
+                        self._remove(self.parent / name)
+            shutil.rmtree(entry.path, ignore_errors=True)
 
     def _remove_stale_temporaries(self) -> None:
-        """Temporary folders of earlier writes of this output whose writer no longer runs."""
+        """Temporary folders of earlier writes of this output whose writer no longer runs.
+
+        Those that name a data file they moved in are left to ``_remove_orphans`` (in step 2,
+        when what the input reads is known).
+        """
+        for entry in self._dead_temporaries(noted=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+    def _dead_temporaries(self, noted: bool):
+        """Temporary folders of this output that no live writer holds (with or without a ``_MOVED`` note)."""
         if fcntl is None:
             return
         try:
@@ -268,6 +308,10 @@ class AtomicModelWriter:
         except OSError:
             return
         for entry in entries:
+            if self.tmp is not None and entry.name == self.tmp.name:
+                continue
+            if os.path.exists(os.path.join(entry.path, _MOVED)) != noted:
+                continue
             try:
                 fd = os.open(entry.path, os.O_RDONLY | _O_DIRECTORY)
             except OSError:
@@ -277,8 +321,39 @@ class AtomicModelWriter:
             except OSError:  # held: its writer is alive
                 os.close(fd)
                 continue
-            shutil.rmtree(entry.path, ignore_errors=True)
-            os.close(fd)
+            try:
+                yield entry
+            finally:
+                os.close(fd)
+
+
+_MOVED = "moved"  # in a temporary folder: the name its data file was moved in under
+
+
+def _relocate(proto: onnx.ModelProto, old: str, new: str) -> None:
+    """Point the proto's external tensors stored in ``old`` at ``new``."""
+    if old == new:
+        return
+    from .model_io import _all_tensors
+
+    for t in _all_tensors(proto.graph):
+        for e in t.external_data:
+            if e.key == "location" and e.value == old:
+                e.value = new
+
+
+def _point_to(model: ir.Model, folder: Path, parent: Path, name: str) -> None:
+    """Point the in-memory tensors written to ``folder`` at the data file ``parent / name``."""
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            t = value.const_value
+            if isinstance(t, ir.ExternalTensor) and Path(t.base_dir) == folder:
+                if t.location == name:
+                    t.base_dir = str(parent)
+                else:
+                    release(t)
+                    value.const_value = ir.ExternalTensor(name, t.offset, t.length, t.dtype, shape=t.shape,
+                                                          name=t.name, base_dir=str(parent))
 
 
 def serialize(model: ir.Model) -> onnx.ModelProto:

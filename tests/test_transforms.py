@@ -331,7 +331,7 @@ def test_external_data_model(tmp_path):
     before = (src.read_bytes(), (tmp_path / "in.onnx.data").read_bytes())
     out = tmp_path / "out.onnx"
     assert quantize(str(src), cfg(), output=out) == str(out)
-    assert len(list(tmp_path.glob("out.onnx.*.data"))) == 1
+    assert (tmp_path / "out.onnx.data").is_file() and not list(tmp_path.glob("out.onnx.*.data"))
     assert (src.read_bytes(), (tmp_path / "in.onnx.data").read_bytes()) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     x = x_for(256)
