@@ -141,14 +141,15 @@ def _run_quantize(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    from .folders import resolve
-
-    load_model(resolve(args.input))  # bad input files fail here, before any work
     needs_calibration = list_algorithms()[args.algorithm]
+    given = args.calibration or args.calibration_text
+    if given or needs_calibration:  # bad input files fail before calibration data is read (quantize loads it anyway)
+        from .folders import resolve
+
+        load_model(resolve(args.input))
     calibration = None
     if args.calibration and args.calibration_text:
         raise UsageError("give --calibration FILE.npz or --calibration-text FILE, not both")
-    given = args.calibration or args.calibration_text
     if given and not needs_calibration:
         print(f"ort-wq quantize: note: --algorithm {args.algorithm} does not use calibration data; "
               f"{given} is ignored (gptq and awq use it)", file=sys.stderr)

@@ -205,13 +205,13 @@ def release(tensor: Any) -> None:
 
 def external_files(model: ir.Model) -> set[Path]:
     """Resolved paths of the files the model's external tensors live in."""
-    out = set()
+    files = set()  # (folder, location) pairs: most tensors share one file, resolved once
     for graph in (model.graph, *model.graph.subgraphs()):
         for value in graph.initializers.values():
             t = value.const_value
             if isinstance(t, ir.ExternalTensor):
-                out.add((Path(t.base_dir) / t.location).resolve())
-    return out
+                files.add((str(t.base_dir), t.location))
+    return {(Path(base) / location).resolve() for base, location in files}
 
 
 def model_nbytes(model: ir.Model) -> int:

@@ -48,11 +48,15 @@ def rules(config: WeightOnlyConfig | None = None, *, context: QuantContext | Non
 
     Use with ``onnxscript.rewriter.rewrite(model, pattern_rewrite_rules=rules(cfg))``; the
     quantized initializers are computed in the background and filled in when first read.
-    ``WeightOnlyQuantPass`` adds clean-up and a report on top.
+    ``WeightOnlyQuantPass`` adds clean-up and a report on top. With a ``context`` already set up
+    on a model, only the rules for the op types its targets are read by are included (each rule
+    costs a match attempt per node).
     """
     ctx = context or QuantContext(config or WeightOnlyConfig())
-    add_rules = MatMulAddWeightOnly.rule(ctx).commute()
-    return WeightOnlyRuleSet([
-        *add_rules, MatMulWeightOnly.rule(ctx), GemmWeightOnly.rule(ctx), FusedMatMulWeightOnly.rule(ctx),
-        GatherWeightOnly.rule(ctx),
-    ])
+    by_op = {"MatMul": [*MatMulAddWeightOnly.rule(ctx).commute(), MatMulWeightOnly.rule(ctx)],
+             "Gemm": [GemmWeightOnly.rule(ctx)], "FusedMatMul": [FusedMatMulWeightOnly.rule(ctx)],
+             "Gather": [GatherWeightOnly.rule(ctx)]}
+    if context is not None and context._model_id is not None:  # set up: its targets are known
+        present = {c.kind.op_type for t in ctx.targets.targets for c in t.consumers}
+        by_op = {op: r for op, r in by_op.items() if op in present} or by_op  # (a rule set is never empty)
+    return WeightOnlyRuleSet([r for group in by_op.values() for r in group])
