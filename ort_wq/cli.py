@@ -203,16 +203,16 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _add_validate(sub) -> None:
-    try:
-        from .validate import add_validate_arguments, run_validate_command
-    except ImportError:  # pragma: no cover - validation module not installed
-        return
+def _add_validate(sub, full: bool = True) -> None:
+    """``full=False``: the command listed, without its options (which import onnxruntime)."""
     p = sub.add_parser("validate", help="compare a quantized model with the original",
                        description="Run both models on the same inputs and report per-output errors; "
                        "exit 0 within thresholds, 1 outside, 2 on bad input.")
-    add_validate_arguments(p)
-    p.set_defaults(run=run_validate_command)
+    if full:
+        from .validate import add_validate_arguments, run_validate_command
+
+        add_validate_arguments(p)
+        p.set_defaults(run=run_validate_command)
 
 
 def _add_eval(sub) -> None:
@@ -244,7 +244,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     return run_demo(layers=args.layers, hidden=args.hidden, save_dir=args.save)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; given the ``command`` about to be parsed, other commands' options may be left out."""
     parser = argparse.ArgumentParser(
         prog="ort-wq",
         description="Weight-only quantization (2/4/8-bit, block-wise) of ONNX models for onnxruntime.",
@@ -255,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_quantize(sub)
     _add_inspect(sub)
-    _add_validate(sub)
+    _add_validate(sub, full=command in (None, "validate"))
     _add_eval(sub)
     _add_demo(sub)
     return parser
@@ -289,8 +290,13 @@ def _silence_stdout() -> None:
         pass
 
 
+_COMMANDS = ("quantize", "inspect", "validate", "eval", "demo")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    command = words[0] if words and words[0] in _COMMANDS else None
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
         parser.print_help()
