@@ -196,8 +196,10 @@ class AtomicModelWriter:
         try:
             self._move_tensors(model)
             if self.sink is not None:
-                self.sink.close(sync=self.durable)
-            proto = serialize(model)
+                with _in_background(self.sink.close, sync=self.durable):  # the data reaches the disk meanwhile
+                    proto = serialize(model)
+            else:
+                proto = serialize(model)
         except OSError as exc:
             raise _as_input_error(exc, self.parent) from None
         with _signals_held(), _locked_folder(self.parent):
@@ -429,6 +431,27 @@ def _locked_folder(folder: Path):
     finally:
         if fd is not None:
             os.close(fd)  # closing releases the flock
+
+
+@contextlib.contextmanager
+def _in_background(fn, **kwargs):
+    """Run ``fn(**kwargs)`` in a thread while the block runs; its exception is raised after the block."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn(**kwargs)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="ort-wq-fsync")
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()
+    if failure:
+        raise failure[0]
 
 
 def _fsync_file(path: Path) -> None:
