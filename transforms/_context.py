@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from ort_wq.algorithms import LayerStats, QuantizedWeight, QuantSpec, get_algorithm
+from ort_wq.algorithms import LayerStats, QuantizedWeight, QuantSpec, _progress, get_algorithm
 from ort_wq.config import WeightOnlyConfig
 from ort_wq.model_io import ModelInputError, first_line, release
 from ort_wq.report import ConvertedNode, QuantReport
@@ -50,7 +50,8 @@ class QuantContext:
     def __init__(self, config: WeightOnlyConfig, stats: dict[str, LayerStats] | None = None, sink: Any = None) -> None:
         self.config = config
         self.sink = sink  # an ExternalDataSink: finished tensors go to disk instead of memory
-        self.stats = stats or {}
+        self.stats = stats if stats is not None else {}
+        self.progress = False  # show a bar for a long solve of one weight (set by the pass)
         self.report = QuantReport()
         self._entries: dict[int, QuantEntry] = {}
         self._names: set[str] = set()
@@ -130,8 +131,8 @@ class QuantContext:
             stats = self.stats[stats_name] if stats_name is not None else None
             w = ref.numpy()
             try:
-                with np.errstate(invalid="ignore", over="ignore"):  # non-finite weights: refused below
-                    result: QuantizedWeight = fn(w, spec, stats)
+                with np.errstate(invalid="ignore", over="ignore"), _progress.reporting(what, self.progress):
+                    result: QuantizedWeight = fn(w, spec, stats)  # non-finite weights: refused below
             except ValueError as exc:
                 raise ModelInputError(f"weight {what!r} {ref.tensor.shape}: {first_line(exc)}") from None
             del w, stats

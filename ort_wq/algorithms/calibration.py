@@ -149,6 +149,16 @@ class LayerwiseStats(MutableMapping):
     def __len__(self) -> int:
         return len(self._order)
 
+    def held(self) -> list[str]:
+        """The activations whose statistics are in memory now (computed, not yet released)."""
+        with self._lock:
+            return list(self._stats)
+
+    @property
+    def segments(self) -> int:
+        """How many segments (onnxruntime sessions, one after the other) calibration runs."""
+        return len(self._segments)
+
     def release(self, name: str) -> None:
         """One reader of ``name`` is done with it; the last one frees the statistics."""
         with self._lock:
