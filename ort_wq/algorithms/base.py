@@ -87,13 +87,33 @@ class LayerStats:
     ``xtx`` is ``sum(X^T X)`` over all rows seen (``[K, K]``, float32 when accumulated here: half
     the memory of float64, which matters with one such matrix per activation of an LLM),
     ``abs_sum`` the sum of ``|X|`` per channel (float64), ``rows`` the number of rows;
-    accumulated batch by batch.
+    accumulated batch by batch. :meth:`compact` keeps only the diagonal blocks.
     """
 
     k: int
     xtx: np.ndarray | None = None
     abs_sum: np.ndarray | None = None
     rows: int = 0
+    blocks: np.ndarray | None = None  # compact form: only the diagonal blocks of X^T X
+
+    def compact(self, block_size: int) -> LayerStats:
+        """The same statistics keeping only the ``block_size`` diagonal blocks of ``X^T X``
+        (``[kb, bs, bs]``, what a per-group search reads): ``bs / K`` of the memory."""
+        if self.xtx is None:
+            return self
+        from ._common import hessian_blocks
+
+        return LayerStats(self.k, None, self.abs_sum, self.rows, hessian_blocks(self.xtx, self.k, block_size))
+
+    def diagonal_blocks(self, block_size: int) -> np.ndarray:
+        """Diagonal ``block_size`` blocks of the mean ``X^T X``, float32 ``[kb, bs, bs]``."""
+        from ._common import hessian_blocks
+
+        if self.blocks is not None and self.xtx is None:
+            if self.blocks.shape[-1] != block_size:
+                raise ValueError(f"statistics kept for blocks of {self.blocks.shape[-1]}, not {block_size}")
+            return self.blocks / np.float32(max(self.rows, 1))
+        return hessian_blocks(self.hessian, self.k, block_size)
 
     def update(self, x: np.ndarray) -> None:
         """Add a batch: only the block upper triangle of ``X^T X`` is computed (half the

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _progress
 from ._common import (
     check_weight,
     clip_ratios,
@@ -214,6 +215,7 @@ def gptq(
         u, used_damp = hinv_upper(xtx, damp)
 
     sub = min(_SUB_BLOCK, block)
+    bar = _progress.steps(k, k * n)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1 = wf[i1:i2]  # view: updated in place
@@ -241,6 +243,10 @@ def gptq(
                 w1[j2:] -= u1[j1:j2, j2:].T @ err1[j1:j2]
         if i2 < k:  # lazy update of the later column blocks
             wf[i2:] -= u[i1:i2, i2:].T @ err1
+        if bar is not None:
+            bar.update(i2 - i1)
+    if bar is not None:
+        bar.close()
 
     q = codes.T.reshape(n, kb, bs)
     result = finalize(None, scale.T, zp.T, spec, k, dtype, q=q)
