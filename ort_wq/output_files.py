@@ -26,15 +26,12 @@ Ctrl-C and SIGTERM during steps 2-4 are held back until step 4 is done.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import re
 import secrets
 import shutil
-import signal
 import threading
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -45,13 +42,22 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: no locking (one writer at a time assumed)
     fcntl = None  # type: ignore[assignment]
 
+from .fs_utils import (
+    O_DIRECTORY,
+    as_input_error,
+    fsync_dir,
+    fsync_file,
+    in_background,
+    lock_path,
+    locked_folder,
+    signals_held,
+)
 from .model_io import ModelInputError, external_files, release
+from .output_proto import locations, relocate, serialize
 
 __all__ = ["AtomicModelWriter", "ExternalDataSink", "same_file", "was_written"]
 
-_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-_ENV_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EACCES, errno.EPERM, errno.EROFS,
-               errno.EISDIR, errno.ENOTDIR}
+
 
 
 _WRITTEN: set[str] = set()  # outputs this process has put in place (for what an interrupted CLI reports)
@@ -98,7 +104,7 @@ class ExternalDataSink:
                     self._file.write(b"\0" * pad)
                 self._file.write(raw)
             except OSError as exc:  # a full disk, a quota: the user's to fix
-                raise _as_input_error(exc, self.folder.parent) from None
+                raise as_input_error(exc, self.folder.parent) from None
             offset = self._offset + pad
             self._offset = offset + len(raw)
         return ir.ExternalTensor(self.name, offset, len(raw), tensor.dtype, shape=tensor.shape, name=name,
@@ -161,7 +167,7 @@ class AtomicModelWriter:
         tmp = self.parent / f".{self.dest.name}.{self.token}.tmp"
         try:
             # under the folder lock: no other writer's cleanup sees our folder before it is locked
-            with _locked_folder(self.parent):
+            with locked_folder(self.parent):
                 self._remove_stale_temporaries()
                 self.tmp = tmp  # before mkdir: a signal handled as mkdir returns must still remove it
                 try:
@@ -169,13 +175,13 @@ class AtomicModelWriter:
                 except FileExistsError:  # not ours (48 random bits never repeat in practice)
                     self.tmp = None
                     raise
-                self._tmp_fd = _lock_path(tmp)
+                self._tmp_fd = lock_path(tmp)
             if self.external_data:
                 self.sink = ExternalDataSink(tmp, self.data_name)
         except BaseException as exc:
             self.__exit__()
             if isinstance(exc, OSError):
-                raise _as_input_error(exc, self.parent) from None
+                raise as_input_error(exc, self.parent) from None
             raise
         return self
 
@@ -196,13 +202,13 @@ class AtomicModelWriter:
         try:
             self._move_tensors(model)
             if self.sink is not None:
-                with _in_background(self.sink.close, sync=self.durable):  # the data reaches the disk meanwhile
+                with in_background(self.sink.close, sync=self.durable):  # the data reaches the disk meanwhile
                     proto = serialize(model)
             else:
                 proto = serialize(model)
         except OSError as exc:
-            raise _as_input_error(exc, self.parent) from None
-        with _signals_held(), _locked_folder(self.parent):
+            raise as_input_error(exc, self.parent) from None
+        with signals_held(), locked_folder(self.parent):
             written, data_name = self._commit(proto)
             _WRITTEN.add(os.path.abspath(self.dest))
         if self.sink is not None:
@@ -229,19 +235,19 @@ class AtomicModelWriter:
         written and the data file's name."""
         assert self.tmp is not None
         exists = any(os.path.lexists(self.parent / n) for n in self.plain_names)
-        old_refs = _locations(self.dest) if exists else set()  # what the current graph reads
+        old_refs = locations(self.dest) if exists else set()  # what the current graph reads
         self._remove_orphans(old_refs)
         name = self.data_name
         if self.sink is not None:
             name = next((n for n in self.plain_names if not os.path.lexists(self.parent / n)), self.data_name)
-            _relocate(proto, self.data_name, name)
+            relocate(proto, self.data_name, name)
         graph = self.tmp / self.dest.name
         written = []
         moved: Path | None = None
         try:
             graph.write_bytes(proto.SerializeToString())
             if self.durable:
-                _fsync_file(graph)
+                fsync_file(graph)
             if self.sink is not None:
                 moved = self.parent / name
                 if moved.exists():  # a 48-bit name clash: never replace a file
@@ -256,11 +262,11 @@ class AtomicModelWriter:
                 with contextlib.suppress(OSError):
                     moved.unlink()
             if isinstance(exc, OSError):
-                raise _as_input_error(exc, self.parent) from None
+                raise as_input_error(exc, self.parent) from None
             raise
         written.append(self.dest)
         if self.durable:
-            _fsync_dir(self.parent)
+            fsync_dir(self.parent)
         self._remove_old_data(old_refs, name)
         return written, name
 
@@ -315,7 +321,7 @@ class AtomicModelWriter:
             if os.path.exists(os.path.join(entry.path, _MOVED)) != noted:
                 continue
             try:
-                fd = os.open(entry.path, os.O_RDONLY | _O_DIRECTORY)
+                fd = os.open(entry.path, os.O_RDONLY | O_DIRECTORY)
             except OSError:
                 continue
             try:
@@ -332,18 +338,6 @@ class AtomicModelWriter:
 _MOVED = "moved"  # in a temporary folder: the name its data file was moved in under
 
 
-def _relocate(proto: onnx.ModelProto, old: str, new: str) -> None:
-    """Point the proto's external tensors stored in ``old`` at ``new``."""
-    if old == new:
-        return
-    from .model_io import _all_tensors
-
-    for t in _all_tensors(proto.graph):
-        for e in t.external_data:
-            if e.key == "location" and e.value == old:
-                e.value = new
-
-
 def _point_to(model: ir.Model, folder: Path, parent: Path, name: str) -> None:
     """Point the in-memory tensors written to ``folder`` at the data file ``parent / name``."""
     for graph in (model.graph, *model.graph.subgraphs()):
@@ -358,141 +352,3 @@ def _point_to(model: ir.Model, folder: Path, parent: Path, name: str) -> None:
                                                           name=t.name, base_dir=str(parent))
 
 
-def serialize(model: ir.Model) -> onnx.ModelProto:
-    """The model as a proto, without the value_info entries that only repeat an initializer's type and shape.
-
-    onnx_ir writes a value_info for every initializer; the initializer itself already holds its
-    type and shape, so these are dropped (those carrying a doc string or metadata are kept).
-    """
-    proto = ir.serde.serialize_model(model)
-    todo = [proto.graph]
-    while todo:
-        graph = todo.pop()
-        inits = {t.name for t in graph.initializer}
-        keep = [v for v in graph.value_info if v.name not in inits or v.doc_string or v.metadata_props]
-        if len(keep) != len(graph.value_info):
-            del graph.value_info[:]
-            graph.value_info.extend(keep)
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    todo.append(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    todo.extend(attr.graphs)
-    return proto
-
-
-def _locations(path: Path) -> set[str]:
-    """External-data locations the graph at ``path`` refers to (empty if unreadable)."""
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - absent or not a model: nothing to clean
-        return set()
-    from .model_io import _all_tensors
-
-    out = set()
-    for t in _all_tensors(proto.graph):
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            out.update(e.value for e in t.external_data if e.key == "location")
-    return out
-
-
-def _as_input_error(exc: OSError, folder: Path) -> ModelInputError | OSError:
-    if exc.errno in _ENV_ERRNOS:
-        where = exc.filename2 or exc.filename  # a rename names its destination second
-        return ModelInputError(f"cannot write the output in {folder}: {exc.strerror or exc}"
-                               f"{f' ({where})' if where else ''}; nothing was written")
-    return exc
-
-
-def _lock_path(path: Path) -> int | None:
-    """An exclusive ``flock`` on a folder, held until the returned descriptor is closed.
-
-    ``None`` where the platform or file system has no such locks (then writers are not serialised).
-    """
-    if fcntl is None:
-        return None
-    fd = os.open(path, os.O_RDONLY | _O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-            return None
-        raise
-    return fd
-
-
-@contextlib.contextmanager
-def _locked_folder(folder: Path):
-    fd = _lock_path(folder)
-    try:
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)  # closing releases the flock
-
-
-@contextlib.contextmanager
-def _in_background(fn, **kwargs):
-    """Run ``fn(**kwargs)`` in a thread while the block runs; its exception is raised after the block."""
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            fn(**kwargs)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            failure.append(exc)
-
-    thread = threading.Thread(target=run, name="ort-wq-fsync")
-    thread.start()
-    try:
-        yield
-    finally:
-        thread.join()
-    if failure:
-        raise failure[0]
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY | _O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def _signals_held():
-    """Hold SIGINT / SIGTERM back while the files move (main thread only); re-deliver them after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    sigs = [signal.SIGINT, signal.SIGTERM]
-    old: dict[int, Any] = {}
-    completed = False
-    try:
-        for s in sigs:
-            old[s] = signal.signal(s, lambda num, frame: pending.append(num))
-        yield
-        completed = True
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-        for s in pending[:1]:
-            handler = old[s]
-            try:
-                if callable(handler):
-                    handler(s, None)
-                elif handler == signal.SIG_DFL:
-                    signal.raise_signal(s)
-            except KeyboardInterrupt as exc:  # the files are in place: say so to whoever reports it
-                exc.output_written = completed  # type: ignore[attr-defined]
-                raise

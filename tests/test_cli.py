@@ -124,14 +124,14 @@ def test_failure_midway_leaves_no_output(model_file, tmp_path, capsys, monkeypat
     """The failure comes after the whole model was written (to the temporary folder): nothing appears."""
     from ort_wq import output_files
 
-    real_sync, saved = output_files._fsync_file, []
+    real_sync, saved = output_files.fsync_file, []
 
     def sync_then_fail(path):  # the graph file, written last
         real_sync(path)
         saved.append(path)
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(output_files, "_fsync_file", sync_then_fail)
+    monkeypatch.setattr(output_files, "fsync_file", sync_then_fail)
     src, _ = model_file
     out = tmp_path / "out.onnx"
     assert main(["quantize", str(src), str(out)]) == 1
