@@ -109,6 +109,9 @@ class LayerwiseStats(MutableMapping):
 
         found = find_targets(model, config)
         planned = {n: (k, 1) for n, k in found.activations().items()} if every else found.calibrated()
+        from .base import diagonal_statistics
+
+        self._diagonal = not every and diagonal_statistics(config.algorithm)
         self._progress = progress
         self._readers = {name: readers for name, (_, readers) in planned.items()}
         self._stats: dict[str, LayerStats] = {}
@@ -183,7 +186,7 @@ class LayerwiseStats(MutableMapping):
         """Read every batch once: graph-input activations and the first segment."""
         keep = set().union(*(s.inputs for s in self._segments)) if self._segments else set()
         for name in self._from_inputs:
-            self._stats[name] = LayerStats(self._k[name])
+            self._stats[name] = LayerStats(self._k[name], diagonal_only=self._diagonal)
         seen = 0
         for i, batch in enumerate(self._bar(self._batches, 0, self._total)):
             feeds = check_feeds(batch, self._specs, f"model (calibration batch {i})")
@@ -216,7 +219,7 @@ class LayerwiseStats(MutableMapping):
         sess = segment_session(self._plan, seg, self._env[0], so)
         later = set().union(*(x.inputs for x in self._segments[s + 1 :])) if s + 1 < len(self._segments) else set()
         for name in seg.activations:
-            self._stats[name] = LayerStats(self._k[name])
+            self._stats[name] = LayerStats(self._k[name], diagonal_only=self._diagonal)
         acts = set(seg.activations)
         fetch = [n for n in seg.outputs if n in acts or n in later]
         rows = range(len(self._env))
