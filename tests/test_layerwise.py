@@ -120,3 +120,18 @@ def test_other_calibrated_algorithms_free_their_statistics(alg):
     q = run_model(ir.serde.serialize_model(ir_model), batches[0])[0]
     ref = run_model(model, batches[0])[0]
     assert np.isfinite(q).all() and np.abs(q - ref).max() < np.abs(ref).max()
+
+
+def test_imatrix_calibrates_only_per_channel_energies():
+    model, batches = _lm(2)
+    config = WeightOnlyConfig(algorithm="imatrix", op_types=["MatMul", "Gemm"])
+    ir_model = ir.serde.deserialize_model(model)
+    stats = LayerwiseStats(ir_model, batches, config)
+    names = list(stats)
+    want = _whole_model_xtx(model, batches, names)
+    for n in names:
+        s = stats[n]
+        assert s.xtx is None and s.sq_sum is not None  # no K x K matrix is accumulated
+        np.testing.assert_allclose(s.energy, np.diag(want[n]) / s.rows, rtol=1e-5)
+        with pytest.raises(ValueError, match="only per-channel"):
+            s.hessian  # noqa: B018

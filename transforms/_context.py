@@ -137,10 +137,6 @@ class QuantContext:
                 raise ModelInputError(f"weight {what!r} {ref.tensor.shape}: {first_line(exc)}") from None
             del w, stats
             if stats_name is not None and hasattr(self.stats, "release"):
-                if getattr(self.stats, "sequential", False) and ref.value.name:
-                    deq = result.dequantize()
-                    self.stats.record_quantized(ref.value.name, (deq.T if ref.transpose else deq).reshape(
-                        ref.tensor.shape).astype(dtype))
                 self.stats.release(stats_name)
             if not (np.isfinite(np.asarray(result.scale, np.float32)).all() and _finite_zero_points(result)):
                 # a NaN or infinite weight makes its block's range (and so its scale) non-finite

@@ -22,7 +22,7 @@ from ..config import WeightOnlyConfig
 from ..model_io import ModelInputError
 from ..validate_inputs import check_feeds, input_values, load_npz
 from .base import LayerStats
-from .segments import DEFAULT_BUDGET, Segment, plan_segments, segment_session
+from .segments import DEFAULT_BUDGET, plan_segments, segment_session
 
 
 def npz_batches(path: str | os.PathLike, batch_size: int = 8, max_batches: int | None = None) -> list[dict[str, np.ndarray]]:
@@ -104,16 +104,17 @@ class LayerwiseStats(MutableMapping):
 
     def __init__(self, model: ir.Model, calibration: Any, config: WeightOnlyConfig, *, progress: bool = False,
                  model_path: str | os.PathLike | None = None, budget: int = DEFAULT_BUDGET,
-                 every: bool = False, sequential: bool = False) -> None:
+                 every: bool = False) -> None:
         from ort_wq.transforms.targets import find_targets
 
         found = find_targets(model, config)
         planned = {n: (k, 1) for n, k in found.activations().items()} if every else found.calibrated()
+        from .base import diagonal_statistics
+
+        self._diagonal = not every and diagonal_statistics(config.algorithm)
         self._progress = progress
         self._readers = {name: readers for name, (_, readers) in planned.items()}
         self._stats: dict[str, LayerStats] = {}
-        self.sequential = sequential
-        self._quantized: dict[str, np.ndarray] = {}
         self._lock = threading.RLock()
         self._plan = plan_segments(model, list(planned), budget)
         self._segments, self._from_inputs = self._plan.segments, self._plan.from_inputs
@@ -185,7 +186,7 @@ class LayerwiseStats(MutableMapping):
         """Read every batch once: graph-input activations and the first segment."""
         keep = set().union(*(s.inputs for s in self._segments)) if self._segments else set()
         for name in self._from_inputs:
-            self._stats[name] = LayerStats(self._k[name])
+            self._stats[name] = LayerStats(self._k[name], diagonal_only=self._diagonal)
         seen = 0
         for i, batch in enumerate(self._bar(self._batches, 0, self._total)):
             feeds = check_feeds(batch, self._specs, f"model (calibration batch {i})")
@@ -199,29 +200,26 @@ class LayerwiseStats(MutableMapping):
         if self._segments:
             self._run(0, bar=False)
 
-    def _session(self, seg: Segment, replace: dict[str, np.ndarray] | None = None) -> Any:
+    def _run(self, s: int, bar: bool = True) -> None:
+        """Statistics of segment ``s`` and the values later segments read.
+
+        Later segments get the float model's values. Feeding them the quantized model's instead
+        (GPTQ's reference code does, layer by layer) was measured on the full SmolLM2-135M with
+        gptq, block 128 sym: perplexity 30.74 against 30.14 (fp32 28.35), KL 0.172 against 0.174,
+        for a second pass over every segment; so it is not done.
+        """
         import onnxruntime as ort
 
+        seg = self._segments[s]
         so = ort.SessionOptions()
         so.log_severity_level = 3
         # memory: no second, pre-packed copy of the weights, no arena kept at its high-water mark
         so.add_session_config_entry("session.disable_prepacking", "1")
         so.enable_cpu_mem_arena = False
-        return segment_session(self._plan, seg, self._env[0], so, replace=replace)
-
-    def _later(self, s: int) -> set[str]:
-        """Names the segments after ``s`` read."""
-        return set().union(*(x.inputs for x in self._segments[s + 1 :])) if s + 1 < len(self._segments) else set()
-
-    def _run(self, s: int, bar: bool = True) -> None:
-        """Statistics of segment ``s`` (and, unless sequential, the values later segments read)."""
-        if self.sequential and s > 0:
-            self._forward(s - 1)
-        seg = self._segments[s]
-        sess = self._session(seg)
-        later = set() if self.sequential else self._later(s)
+        sess = segment_session(self._plan, seg, self._env[0], so)
+        later = set().union(*(x.inputs for x in self._segments[s + 1 :])) if s + 1 < len(self._segments) else set()
         for name in seg.activations:
-            self._stats[name] = LayerStats(self._k[name])
+            self._stats[name] = LayerStats(self._k[name], diagonal_only=self._diagonal)
         acts = set(seg.activations)
         fetch = [n for n in seg.outputs if n in acts or n in later]
         rows = range(len(self._env))
@@ -234,39 +232,13 @@ class LayerwiseStats(MutableMapping):
                 if name in later:
                     env[name] = x
             del outs
-            if not self.sequential:
-                for name in [n for n in env if n not in later]:
-                    del env[name]
+            for name in [n for n in env if n not in later]:
+                del env[name]
         del sess
         self._done.update(seg.activations)
         self._next = s + 1
         if self._next == len(self._segments):
             self._env = []
-
-    def _forward(self, s: int) -> None:
-        """Sequential mode: run segment ``s`` again with the weights quantized so far, giving the
-        later segments the inputs the quantized model will see."""
-        seg = self._segments[s]
-        replace = {n: self._quantized.pop(n) for n in list(self._quantized) if n in seg.initializers}
-        self._quantized.clear()  # weights of earlier segments are of no further use
-        later = self._later(s)
-        fetch = [n for n in seg.outputs if n in later]
-        sess = self._session(seg, replace) if fetch else None
-        del replace
-        for env in self._env:
-            if sess is not None:
-                for name, x in zip(fetch, sess.run(fetch, {n: env[n] for n in seg.inputs})):
-                    env[name] = x
-            for name in [n for n in env if n not in later]:
-                del env[name]
-        del sess
-
-    def record_quantized(self, name: str, weight: np.ndarray) -> None:
-        """Sequential mode: initializer ``name`` was quantized; ``weight`` is its dequantized value
-        in the initializer's own shape, used when its segment is run again."""
-        with self._lock:
-            if self.sequential and self._next >= 1 and name in self._segments[self._next - 1].initializers:
-                self._quantized[name] = weight
 
 
 def _batches(model: ir.Model, calibration: Any, model_path: Any) -> tuple[Iterable[dict], int | None]:

@@ -100,7 +100,7 @@ def weighted_search(x, mask, spec: QuantSpec, dtype, weights, ratios, refine: bo
     return search_clip(x, mask, spec, dtype, ratios, weights=weights, refit=fit if refine else None)
 
 
-@register("imatrix", needs_calibration=True, options={
+@register("imatrix", needs_calibration=True, statistics="diagonal", options={
     "grid": OptionSpec(int, min=1), "span": OptionSpec(float, min=0, min_open=True, max=0.99),
     "refine": OptionSpec(bool)})
 def imatrix(

@@ -134,14 +134,11 @@ def plan_segments(model: ir.Model, activations: list[str], budget: int = DEFAULT
     return plan
 
 
-def segment_session(plan: Plan, seg: Segment, types: dict[str, Any], sess_options: Any,
-                    replace: dict[str, np.ndarray] | None = None) -> Any:
+def segment_session(plan: Plan, seg: Segment, types: dict[str, Any], sess_options: Any) -> Any:
     """An onnxruntime session computing ``seg.outputs`` from ``seg.inputs``.
 
     ``types``: an array per input name, which gives the input's element type (shapes are left
     open). Only this segment's initializers are serialised; external ones stay file references.
-    ``replace``: arrays used instead of some initializers (the quantized weights, in sequential
-    calibration).
     """
     import onnx
     import onnxruntime as ort
@@ -149,9 +146,7 @@ def segment_session(plan: Plan, seg: Segment, types: dict[str, Any], sess_option
     g = onnx.GraphProto(name=f"{plan.name}_segment")
     g.node.extend(seg.nodes)
     folders = set()
-    for name, tensor in seg.initializers.items():
-        if replace and name in replace:
-            tensor = ir.Tensor(replace[name], name=name)
+    for tensor in seg.initializers.values():
         if isinstance(tensor, ir.ExternalTensor):
             folders.add(os.path.abspath(tensor.base_dir))
         g.initializer.append(ir.serde.serialize_tensor(tensor))
