@@ -49,8 +49,6 @@ import numpy as np
 
 from ._common import (
     check_weight,
-    clip_ratios,
-    default_min_ratio,
     finalize,
     group_error,
     group_norm,
@@ -58,16 +56,15 @@ from ._common import (
     masked_minmax,
     maxq_of,
     minmax_params,
-    minmax_result,
     out_dtype,
     quantize,
     round_scale,
     round_zp,
     run_chunks,
-    search_clip,
 )
-from ._importance import HEAD_NOTE, OBJECTIVES, looks_like_output_head, objective_weights
+from ._importance import OBJECTIVES
 from .base import LayerStats, OptionSpec, QuantizedWeight, QuantSpec, register
+from .rtn_clip import clip_search, search_objective
 
 
 def _shrink_lp(d: np.ndarray, beta: float, p: float) -> np.ndarray:
@@ -83,15 +80,15 @@ def _shrink_lp(d: np.ndarray, beta: float, p: float) -> np.ndarray:
     return np.copysign(t, d)
 
 
-def _hqq_chunk(x, mask, spec, dtype, iters, lp_norm, beta, kappa, optimize_scale, ratios, weights):
+def _hqq_chunk(x, mask, spec, dtype, iters, lp_norm, beta, kappa, optimize_scale, start, weights):
     maxq = maxq_of(spec.bits)
     lo, hi = masked_minmax(x, mask)
     norm = group_norm(lo, hi)
     wc = None if weights is None else weights(x, 0, 0)
-    if ratios is None:
+    if start is None:
         s, z = minmax_params(lo, hi, spec, 1.0, dtype)
     else:
-        s, z = search_clip(x, mask, spec, dtype, ratios, weights=weights)
+        s, z = start
     best_err = group_error(x, s, z, maxq, mask, None, wc, norm)
     best_s, best_z = s, z
     # work in units of the initial step: x / s0 (s0 > 0 always)
@@ -160,32 +157,40 @@ def hqq(
 
     ``init``: the starting point -- ``"minmax"`` (HQQ's), ``"clip"`` (the rtn-clip search) or
     ``"auto"``: clip search when symmetric (only the scale is free there, and the fit started
-    from min/max ends worse than the grid), min/max otherwise (measured better for asymmetric).
+    from min/max ends worse than the grid) and on output heads, min/max otherwise (measured
+    better for asymmetric). The iterates are judged by rtn-clip's objective for the weight
+    (:func:`.rtn_clip.search_objective`: output heads by the vocabulary's channel energy).
 
     Float zero points only when ``spec.float_zero_points`` and not ``spec.symmetric``. ``stats``
     is ignored.
     """
     w = check_weight(w, spec)
     k = w.shape[0]
-    if head_rule and looks_like_output_head(*w.shape):
-        return minmax_result(w, spec, HEAD_NOTE)
     dtype = out_dtype(w)
     if init not in ("auto", "minmax", "clip"):
         raise ValueError(f"init={init!r}: use 'auto', 'minmax' or 'clip'")
-    if init == "auto":
-        init = "clip" if spec.symmetric else "minmax"
-    ratios = clip_ratios(spec, 20, default_min_ratio(spec)) if init == "clip" else None
-    weights = objective_weights(objective)
     x, mask = group_view(w, spec.block_size)
+    notes: list[str] = []
+    weights, head = search_objective(w, spec, objective, head_rule)
+    if init == "auto":
+        init = "clip" if spec.symmetric or head else "minmax"
+    if init == "minmax":
+        start = None
+    else:
+        s0, z0, weights, notes = clip_search(w, x, mask, spec, dtype, objective=objective, head_rule=head_rule)
+        start = (s0, z0)
     n, kb, bs = x.shape
     scale = np.empty((n, kb), dtype=np.float32)
     zp = np.empty((n, kb), dtype=np.float32)
 
     def one(c0: int, c1: int) -> None:
+        st = None if start is None else (start[0][c0:c1], start[1][c0:c1])
         scale[c0:c1], zp[c0:c1] = _hqq_chunk(
-            x[c0:c1], mask, spec, dtype, iters, lp_norm, beta, kappa, optimize_scale, ratios, weights
+            x[c0:c1], mask, spec, dtype, iters, lp_norm, beta, kappa, optimize_scale, st, weights
         )
 
     run_chunks(one, n, kb * bs)
-    return finalize(x, scale, zp, spec, k, dtype)
+    result = finalize(x, scale, zp, spec, k, dtype)
+    result.notes.extend(notes)
+    return result
 
