@@ -57,10 +57,10 @@ def quantize(
     if get_algorithm(config.algorithm)[1]:
         if calibration is None:
             raise ValueError(f"algorithm {config.algorithm!r} needs calibration data (calibration=...)")
-        from .algorithms.calibration import collect_stats
+        from .algorithms.calibration import LayerwiseStats
 
-        stats = collect_stats(ir_model, calibration, config, progress=progress,
-                              model_path=model if kind == "path" else None)
+        stats = LayerwiseStats(ir_model, calibration, config, progress=progress,
+                               model_path=model if kind == "path" else None)
     from .transforms import WeightOnlyQuantPass
 
     def run(sink=None) -> QuantReport:

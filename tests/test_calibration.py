@@ -181,3 +181,15 @@ def test_algorithm_options_reach_the_algorithm(lm):
     assert _rel_error(model, changed, feeds) < 0.5
     with pytest.raises(ValueError, match="act_order"):
         WeightOnlyConfig(algorithm="gptq", algorithm_options={"bogus": 1})
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_gptq_group_ranges_follow_the_output_error(lm_outliers, sym):
+    """Static groups' ranges chosen by e^T H_gg e beat ranges chosen by the weight error."""
+    model, calib, feeds = lm_outliers
+    errors = {}
+    for objective in ("weight", "output"):
+        cfg = WeightOnlyConfig(bits=4, block_size=128, symmetric=sym, algorithm="gptq", accuracy_level=0,
+                               op_types=MATMULS, algorithm_options={"group_objective": objective})
+        errors[objective] = _rel_error(model, quantize(model, cfg, calibration=calib), feeds)
+    assert errors["output"] < errors["weight"], errors

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from ort_wq.algorithms import LayerStats, QuantizedWeight, QuantSpec, get_algorithm
+from ort_wq.algorithms import LayerStats, QuantizedWeight, QuantSpec, _progress, get_algorithm
 from ort_wq.config import WeightOnlyConfig
 from ort_wq.model_io import ModelInputError, first_line, release
 from ort_wq.report import ConvertedNode, QuantReport
@@ -50,7 +50,8 @@ class QuantContext:
     def __init__(self, config: WeightOnlyConfig, stats: dict[str, LayerStats] | None = None, sink: Any = None) -> None:
         self.config = config
         self.sink = sink  # an ExternalDataSink: finished tensors go to disk instead of memory
-        self.stats = stats or {}
+        self.stats = stats if stats is not None else {}
+        self.progress = False  # show a bar for a long solve of one weight (set by the pass)
         self.report = QuantReport()
         self._entries: dict[int, QuantEntry] = {}
         self._names: set[str] = set()
@@ -105,7 +106,7 @@ class QuantContext:
         if entry is not None:
             return entry
         spec = target.spec
-        activation = next((c.activation for c in target.consumers if c.activation is not None), None)
+        activation = target.activation
         algorithm, notes = self._algorithm_for(activation, target)
         fn, _ = get_algorithm(algorithm)
         if algorithm == self.config.algorithm and self.config.algorithm_options:
@@ -114,7 +115,7 @@ class QuantContext:
             fn = functools.partial(fn, allow_input_scale=False)
         if algorithm != target.algorithm:
             spec = with_zero_points(spec, algorithm, self.config)
-        stats = self.stats.get(activation.name) if activation is not None and activation.name else None
+        stats_name = activation.name if activation is not None and activation.name in self.stats else None
         ref = target.ref
         dtype = np.float16 if ref.dtype == ir.DataType.FLOAT16 else np.float32
         packers = _emitters.storages(target, self.config.format)
@@ -125,13 +126,18 @@ class QuantContext:
         what = ref.value.name or "weight"
 
         def job() -> dict[str, dict[str, ir.TensorProtocol]]:
+            # statistics are read here, on the worker: calibration runs the model only as far
+            # as the weights being quantized, and frees each activation's statistics after use
+            stats = self.stats[stats_name] if stats_name is not None else None
             w = ref.numpy()
             try:
-                with np.errstate(invalid="ignore", over="ignore"):  # non-finite weights: refused below
-                    result: QuantizedWeight = fn(w, spec, stats)
+                with np.errstate(invalid="ignore", over="ignore"), _progress.reporting(what, self.progress):
+                    result: QuantizedWeight = fn(w, spec, stats)  # non-finite weights: refused below
             except ValueError as exc:
                 raise ModelInputError(f"weight {what!r} {ref.tensor.shape}: {first_line(exc)}") from None
-            del w
+            del w, stats
+            if stats_name is not None and hasattr(self.stats, "release"):
+                self.stats.release(stats_name)
             if not (np.isfinite(np.asarray(result.scale, np.float32)).all() and _finite_zero_points(result)):
                 # a NaN or infinite weight makes its block's range (and so its scale) non-finite
                 raise ModelInputError(f"weight {what!r} {list(ref.tensor.shape)} holds NaN or infinite values; "

@@ -27,6 +27,7 @@ import onnx_ir as ir
 
 from ort_wq.algorithms import LayerStats, get_algorithm
 from ort_wq.config import WeightOnlyConfig
+from ort_wq.model_io import release
 
 from ._context import QuantContext
 from ._weights import WeightRef, const_tensor, gemm_reason
@@ -116,15 +117,36 @@ def _plan_matmul_columns(node: ir.Node, k: int) -> tuple[list[tuple[ir.Node, int
 def _replace_const(node: ir.Node, idx: int, how: str, s: np.ndarray, inverse: bool, ctx: QuantContext) -> None:
     old = node.inputs[idx]
     tensor, _ = const_tensor(old)
-    arr = np.asarray(tensor.numpy())
     factor = (1.0 / s if inverse else s).astype(np.float64)
-    # "rows": along axis -2 (the K of a [.., K, N] weight); "columns" / "vector": the last axis
-    new = arr * factor[:, None] if how == "rows" else arr * factor
-    value = ir.Value(name=ctx.unique_name(f"{old.name}_awq"), shape=ir.Shape(arr.shape),
-                     type=ir.TensorType(tensor.dtype), const_value=ir.Tensor(new.astype(arr.dtype)))
+
+    def scaled() -> np.ndarray:
+        arr = np.asarray(tensor.numpy())
+        # "rows": along axis -2 (the K of a [.., K, N] weight); "columns" / "vector": the last axis
+        out = (arr * factor[:, None] if how == "rows" else arr * factor).astype(arr.dtype)
+        del arr
+        release(tensor)  # the memory map of the original goes once the scaled copy exists
+        return out
+
+    name = ctx.unique_name(f"{old.name}_awq")
+    # a weight is scaled when it is read (by its quantization job): no scaled copy of every
+    # weight is held between the fold and the rewrite
+    new = ir.Tensor(scaled(), name=name) if how == "vector" else ir.LazyTensor(
+        lambda: ir.Tensor(scaled()), dtype=tensor.dtype, shape=ir.Shape(tensor.shape), name=name)
+    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=new)
     graph = node.graph
     graph.register_initializer(value)
     node.replace_input_with(idx, value)
+
+
+def _for_clip_search(layer: LayerStats, x: ir.Value, ctx: QuantContext) -> LayerStats:
+    """What each weight's clip search still reads after the fold: the diagonal blocks of ``H``
+    (when all the activation's weights share one block size), not the whole ``K x K``."""
+    sizes = set()
+    for use in x.uses():
+        _, target, _ = ctx.targets.lookup(use.node)
+        if target is not None:
+            sizes.add(target.spec.block_size)
+    return layer.compact(sizes.pop()) if len(sizes) == 1 else layer
 
 
 def _targets(x: ir.Value, ctx: QuantContext) -> tuple[list[tuple[ir.Node, WeightRef, Target]], str]:
@@ -156,9 +178,12 @@ def fold_awq_scales(model: ir.Model, config: WeightOnlyConfig, stats: dict[str, 
     if not config.algorithm_options.get("allow_input_scale", True):
         return notes  # clip search only (each weight is quantized with allow_input_scale=False)
     values = {v.name: v for node in model.graph for v in node.outputs if v.name}
-    for name, layer in list(stats.items()):
+    for name in list(stats):  # in model order: calibration runs only as far as the layer folded
         x = values.get(name)
-        if x is None or layer.rows == 0:
+        if x is None:
+            continue
+        layer = stats[name]
+        if layer.rows == 0:
             continue
         targets, why = _targets(x, ctx)
         plan: list = []
@@ -167,8 +192,11 @@ def fold_awq_scales(model: ir.Model, config: WeightOnlyConfig, stats: dict[str, 
         if not targets or why:
             for use in x.uses():
                 notes.setdefault(use.node.name or "", []).append(f"awq: input scaling not foldable ({why}): clip search only")
+            stats[name] = _for_clip_search(layer, x, ctx)
             continue
         w_cat = np.concatenate([ref.numpy().astype(np.float32) for _, ref, _ in targets], axis=1)
+        for _, ref, _ in targets:
+            release(ref.tensor)
         spec = targets[0][2].spec
         options = {k: v for k, v in config.algorithm_options.items() if k != "clip"}
         result = awq(w_cat, replace(spec, float_zero_points=False), layer, **options, clip=False)
@@ -180,5 +208,8 @@ def fold_awq_scales(model: ir.Model, config: WeightOnlyConfig, stats: dict[str, 
             producer = x.producer()
             notes.setdefault(node.name or "", []).append(
                 f"awq: input scale folded into {producer.op_type} {producer.name!r} ({result.notes[0] if result.notes else ''})")
-        stats[name] = LayerStats(layer.k, xtx=layer.xtx / np.outer(s, s), abs_sum=layer.abs_sum / s, rows=layer.rows)
+        scaled = LayerStats(layer.k, xtx=layer.xtx / np.outer(s, s).astype(np.float32), abs_sum=layer.abs_sum / s,
+                            rows=layer.rows)
+        stats[name] = _for_clip_search(scaled, x, ctx)
+        del layer, scaled
     return notes

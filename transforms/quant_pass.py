@@ -48,6 +48,7 @@ class WeightOnlyQuantPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         start = time.perf_counter()
         ctx = QuantContext(self.config, self.stats, sink=self.sink)
+        ctx.progress = self.progress
         ctx.setup(model)
         if self.config.format == "qdq":
             from .emit_qdq import MIN_OPSET

@@ -111,6 +111,12 @@ class Target:
         return [n for n in dict.fromkeys(out) if n]
 
     @property
+    def activation(self) -> ir.Value | None:
+        """The activation whose calibration statistics the tensor's algorithm reads (its first
+        consumer's that has one)."""
+        return next((c.activation for c in self.consumers if c.activation is not None), None)
+
+    @property
     def gathered(self) -> bool:
         return any(c.kind.embedding for c in self.consumers)
 
@@ -144,6 +150,22 @@ class TargetSet:
                 x = c.activation
                 if x is not None and x.name and c.node.graph is self.main:
                     out[x.name] = t.ref.k
+        return out
+
+    def calibrated(self) -> dict[str, tuple[int, int]]:
+        """Activation name -> ``(K, readers)`` for the main-graph activations whose statistics an
+        algorithm will read, ``readers`` being the number of tensors that read them."""
+        from ort_wq.algorithms import get_algorithm
+
+        out: dict[str, tuple[int, int]] = {}
+        for t in self.targets:
+            c = next((c for c in t.consumers if c.activation is not None), None)
+            x = c.activation if c is not None else None
+            if x is None or not x.name or c.node.graph is not self.main:
+                continue
+            if get_algorithm(t.algorithm)[1]:
+                k, readers = out.get(x.name, (t.ref.k, 0))
+                out[x.name] = (k, readers + 1)
         return out
 
 

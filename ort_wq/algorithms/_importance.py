@@ -43,8 +43,8 @@ def channel_energy(stats: LayerStats, k: int, bs: int) -> np.ndarray:
     """``E[x_k^2]`` per input channel as float32 ``[kb, bs]`` (padding 0), normalised to mean 1."""
     kb = -(-k // bs)
     e = np.zeros(kb * bs, dtype=np.float64)
-    if stats.xtx is not None and stats.rows:
-        e[:k] = np.maximum(np.diag(stats.xtx) / stats.rows, 0.0)
+    if stats.rows:
+        e[:k] = np.maximum(stats.energy, 0.0)
     mean = e[:k].mean() if k else 0.0
     e = e / mean if mean > 0 else np.where(np.arange(kb * bs) < k, 1.0, 0.0)
     return e.astype(np.float32).reshape(kb, bs)

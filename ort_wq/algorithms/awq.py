@@ -107,10 +107,10 @@ def awq(
     w = check_weight(w, spec)
     k, n = w.shape
     stats = require_stats(stats, "awq", k)
-    h = stats.hessian
     dtype = out_dtype(w)
     notes: list[str] = []
     if allow_input_scale:
+        h = stats.hessian
         s, alpha, err, err0 = search_input_scale(w, h, stats.abs_mean, spec, dtype, grid, max_search_columns)
         notes.append(f"awq: alpha={alpha:.2f}, search error {err:.4g} vs {err0:.4g} unscaled")
         ws = np.asarray(w, dtype=np.float32) * s[:, None]
@@ -119,10 +119,10 @@ def awq(
         s = None
         notes.append(NOT_FOLDABLE_NOTE)
         ws = np.asarray(w, dtype=np.float32)
-        hs = h
+        hs = None
     x, mask = group_view(ws, spec.block_size)
     if clip:
-        hb = hessian_blocks(hs, k, spec.block_size)
+        hb = hessian_blocks(hs, k, spec.block_size) if hs is not None else stats.diagonal_blocks(spec.block_size)
         scale, zp = search_clip(x, mask, spec, dtype, clip_ratios(spec, clip_grid, min_ratio), hblocks=hb)
     else:
         lo, hi = masked_minmax(x, mask)

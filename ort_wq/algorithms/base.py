@@ -87,18 +87,51 @@ class LayerStats:
     ``xtx`` is ``sum(X^T X)`` over all rows seen (``[K, K]``, float32 when accumulated here: half
     the memory of float64, which matters with one such matrix per activation of an LLM),
     ``abs_sum`` the sum of ``|X|`` per channel (float64), ``rows`` the number of rows;
-    accumulated batch by batch.
+    accumulated batch by batch. :meth:`compact` keeps only the diagonal blocks;
+    ``diagonal_only`` accumulates only ``sum(x^2)`` per channel (``sq_sum``, for algorithms
+    registered with ``statistics="diagonal"``: ``K`` numbers and ``rows x K`` work per batch
+    instead of ``K x K`` and ``rows x K^2``).
     """
 
     k: int
     xtx: np.ndarray | None = None
     abs_sum: np.ndarray | None = None
     rows: int = 0
+    blocks: np.ndarray | None = None  # compact form: only the diagonal blocks of X^T X
+    diagonal_only: bool = False  # accumulate sum(x^2) per channel instead of X^T X
+    sq_sum: np.ndarray | None = None
+
+    def compact(self, block_size: int) -> LayerStats:
+        """The same statistics keeping only the ``block_size`` diagonal blocks of ``X^T X``
+        (``[kb, bs, bs]``, what a per-group search reads): ``bs / K`` of the memory."""
+        if self.xtx is None:
+            return self
+        from ._common import hessian_blocks
+
+        return LayerStats(self.k, None, self.abs_sum, self.rows, hessian_blocks(self.xtx, self.k, block_size))
+
+    def diagonal_blocks(self, block_size: int) -> np.ndarray:
+        """Diagonal ``block_size`` blocks of the mean ``X^T X``, float32 ``[kb, bs, bs]``."""
+        from ._common import hessian_blocks
+
+        if self.blocks is not None and self.xtx is None:
+            if self.blocks.shape[-1] != block_size:
+                raise ValueError(f"statistics kept for blocks of {self.blocks.shape[-1]}, not {block_size}")
+            return self.blocks / np.float32(max(self.rows, 1))
+        return hessian_blocks(self.hessian, self.k, block_size)
 
     def update(self, x: np.ndarray) -> None:
         """Add a batch: only the block upper triangle of ``X^T X`` is computed (half the
         arithmetic), in products of ``_STATS_BLOCK`` rows, then mirrored."""
         x2 = np.asarray(x, dtype=np.float32).reshape(-1, self.k)
+        if self.diagonal_only:
+            if self.sq_sum is None:
+                self.sq_sum = np.zeros(self.k, dtype=np.float64)
+                self.abs_sum = np.zeros(self.k, dtype=np.float64)
+            self.sq_sum += np.square(x2).sum(axis=0, dtype=np.float64)
+            self.abs_sum += np.abs(x2).sum(axis=0, dtype=np.float64)
+            self.rows += x2.shape[0]
+            return
         if self.xtx is None:
             self.xtx = np.zeros((self.k, self.k), dtype=np.float32)
             self.abs_sum = np.zeros(self.k, dtype=np.float64)
@@ -115,9 +148,24 @@ class LayerStats:
     @property
     def hessian(self) -> np.ndarray:
         """Mean ``X^T X`` (``[K, K]``, the dtype of ``xtx``)."""
+        if self.rows and self.xtx is None and (self.sq_sum is not None or self.blocks is not None):
+            raise ValueError("these statistics hold only per-channel energies, not X^T X")
         if self.xtx is None or self.rows == 0:
             raise ValueError("no calibration data was accumulated for this layer")
         return self.xtx / self.rows
+
+    @property
+    def energy(self) -> np.ndarray:
+        """Mean ``x_k^2`` per input channel (float64 ``[K]``): the diagonal of :attr:`hessian`."""
+        if self.rows == 0:
+            raise ValueError("no calibration data was accumulated for this layer")
+        if self.xtx is not None:
+            return np.diagonal(self.xtx).astype(np.float64) / self.rows
+        if self.sq_sum is not None:
+            return self.sq_sum / self.rows
+        if self.blocks is not None:
+            return np.diagonal(self.blocks, axis1=1, axis2=2).reshape(-1)[: self.k].astype(np.float64) / self.rows
+        raise ValueError("no calibration data was accumulated for this layer")
 
     @property
     def abs_mean(self) -> np.ndarray:
@@ -166,6 +214,7 @@ Algorithm = Callable[[np.ndarray, QuantSpec, "LayerStats | None"], QuantizedWeig
 _REGISTRY: dict[str, tuple[Algorithm, bool]] = {}
 _FLOAT_ZERO_POINTS: set[str] = set()
 _COMPENSATING: set[str] = set()
+_DIAGONAL: set[str] = set()
 _OPTIONS: dict[str, dict[str, OptionSpec]] = {}
 _INTERNAL_OPTIONS: tuple[str, ...] = ()  # set by the transform only (awq's allow_input_scale is a user option too)
 
@@ -176,6 +225,7 @@ def register(
     float_zero_points: bool = False,
     options: dict[str, OptionSpec] | None = None,
     compensates: bool = False,
+    statistics: str = "full",
 ) -> Callable[[Algorithm], Algorithm]:
     """Decorator: register ``fn(w[K, N], spec, stats) -> QuantizedWeight`` under ``name``.
 
@@ -184,6 +234,8 @@ def register(
     others always return uint8 zero points. ``compensates``: the algorithm moves each weight's
     rounding error into the weights not yet quantized (GPTQ), so its result fits the layer's
     outputs rather than each weight: unfit for a table that a Gather also reads as it is.
+    ``statistics``: ``"full"`` (``X^T X``) or ``"diagonal"`` (the algorithm reads only
+    ``LayerStats.energy`` and ``abs_mean``; calibration then skips ``X^T X``).
     ``options``: an :class:`OptionSpec` per keyword-only
     parameter users may set, checked by :func:`check_options` before any work starts.
     """
@@ -198,6 +250,10 @@ def register(
             _FLOAT_ZERO_POINTS.add(name)
         if compensates:
             _COMPENSATING.add(name)
+        if statistics not in ("full", "diagonal"):
+            raise TypeError(f"algorithm {name!r}: statistics={statistics!r} is not 'full' or 'diagonal'")
+        if statistics == "diagonal":
+            _DIAGONAL.add(name)
         return fn
 
     return deco
@@ -226,6 +282,12 @@ def compensates_error(name: str) -> bool:
     """Whether algorithm ``name`` rewrites not-yet-quantized weights to absorb rounding errors (GPTQ)."""
     _load_all()
     return name in _COMPENSATING
+
+
+def diagonal_statistics(name: str) -> bool:
+    """Whether algorithm ``name`` reads only per-channel calibration statistics (no ``X^T X``)."""
+    _load_all()
+    return name in _DIAGONAL
 
 
 def uses_float_zero_points(name: str) -> bool:

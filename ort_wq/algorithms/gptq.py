@@ -24,7 +24,12 @@ Every step is vectorised over the N output channels.
 - Act-order (``act_order=True``, the default): rows are processed by decreasing ``H[k, k]``;
   since the kernel has no ``g_idx``, groups stay the contiguous K blocks, so their parameters
   are computed up front from the original weight ("static groups", with the clip search when
-  ``clip_search``). Measured on MiniLM (4-bit, mean cosine to fp32): 0.9897 vs 0.9887 without
+  ``clip_search``). The clip ratio of a static group minimises the group's share of the output
+  error, ``e^T H_gg e`` with ``H_gg`` the group's diagonal block of ``X^T X``
+  (``group_objective="output"``, the default), not its weight error ``|e|^2``
+  (``"weight"``): GPTQ then compensates the rounding within that range. Full SmolLM2-135M,
+  block 128 sym, 8 x 256 calibration tokens, perplexity on the 2048 dev tokens (fp32 28.35):
+  34.41 -> **30.14** (KL to fp32 0.243 -> 0.174), same time. Measured on MiniLM (4-bit, mean cosine to fp32): 0.9897 vs 0.9887 without
   act-order at block 32, 0.9857 vs 0.9825 at block 128; ``act_order=False`` is the classic
   sequential-groups GPTQ.
 
@@ -48,11 +53,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _progress
 from ._common import (
     check_weight,
     clip_ratios,
     finalize,
     group_view,
+    hessian_blocks,
     masked_minmax,
     maxq_of,
     minmax_params,
@@ -164,7 +171,7 @@ def _group_params(rows: np.ndarray, spec: QuantSpec, dtype, ratios) -> tuple[np.
 
 @register("gptq", needs_calibration=True, compensates=True, options={
     "damp": OptionSpec(float, min=0), "act_order": OptionSpec(bool), "block": OptionSpec(int, min=1),
-    "clip_search": OptionSpec(bool)})
+    "clip_search": OptionSpec(bool), "group_objective": OptionSpec(str, choices=("weight", "output"))})
 @one_blas_thread
 def gptq(
     w: np.ndarray,
@@ -175,6 +182,7 @@ def gptq(
     act_order: bool = True,
     block: int = 128,
     clip_search: bool = True,
+    group_objective: str = "output",
 ) -> QuantizedWeight:
     """GPTQ with group-aware scales (see the module doc). ``stats.hessian`` is required.
 
@@ -203,7 +211,9 @@ def gptq(
         if ratios is None:
             s, z = minmax_params(*masked_minmax(x, mask), spec, 1.0, dtype)
         else:
-            s, z = search_clip(x, mask, spec, dtype, ratios)
+            hb = hessian_blocks(xtx, k, bs) if group_objective == "output" else None
+            s, z = search_clip(x, mask, spec, dtype, ratios, hblocks=hb)
+            del hb
         scale[:], zp[:] = s.T, z.T
         del x, s, z
         perm = np.argsort(-np.diagonal(xtx), kind="stable")
@@ -214,6 +224,7 @@ def gptq(
         u, used_damp = hinv_upper(xtx, damp)
 
     sub = min(_SUB_BLOCK, block)
+    bar = _progress.steps(k, k * n)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1 = wf[i1:i2]  # view: updated in place
@@ -241,6 +252,10 @@ def gptq(
                 w1[j2:] -= u1[j1:j2, j2:].T @ err1[j1:j2]
         if i2 < k:  # lazy update of the later column blocks
             wf[i2:] -= u[i1:i2, i2:].T @ err1
+        if bar is not None:
+            bar.update(i2 - i1)
+    if bar is not None:
+        bar.close()
 
     q = codes.T.reshape(n, kb, bs)
     result = finalize(None, scale.T, zp.T, spec, k, dtype, q=q)

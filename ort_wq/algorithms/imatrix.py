@@ -110,7 +110,7 @@ def weighted_search(x, mask, spec: QuantSpec, dtype, weights, ratios, refine: bo
                        no_saturation=no_saturation)
 
 
-@register("imatrix", needs_calibration=True, options={
+@register("imatrix", needs_calibration=True, statistics="diagonal", options={
     "grid": OptionSpec(int, min=1), "span": OptionSpec(float, min=0, min_open=True, max=0.99),
     "refine": OptionSpec(bool)})
 def imatrix(
