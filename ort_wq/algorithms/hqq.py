@@ -23,11 +23,16 @@ kernel for them: at M = 1 (one decoded token) a call takes 22-600x as long
 (``benchmarks/bench_zero_points.py``; 576 x 1536 block 32: 1.6 ms vs 0.07 ms), so decoding
 becomes many times slower.
 
-The searches keep, per group, the best iterate under the magnitude-weighted squared error
-(``objective="magnitude"``, :mod:`._importance`: ``(1 + w^2 / sigma2) e^2``) rather than the plain
-squared error (``"mse"``): the plain error lets HQQ and the clip search trade an output head's
-largest weights for its many small ones (SmolLM2 2-layer, block 128 sym, KL: 0.463 with
-``"mse"``, 0.139 with ``"magnitude"``, rtn 0.154).
+The searches keep, per group, the best iterate under rtn-clip's objective for the weight
+(:func:`.rtn_clip.search_objective`): the magnitude-weighted squared error (``objective=
+"magnitude"``, :mod:`._importance`: ``(1 + w^2 / sigma2) e^2``) rather than the plain squared
+error (``"mse"``), which lets HQQ trade an output head's largest weights for its many small ones
+(SmolLM2 2-layer, block 128 sym, KL: 0.463 with ``"mse"``, 0.139 with ``"magnitude"``, rtn
+0.154); on output heads the vocabulary-energy weighting of rtn-clip, from rtn-clip's head search.
+Measured on SmolLM2-135M (perplexity / KL to fp32 on 8 x 256 tokens, fp32 28.36, every MatMul
+4-bit, ``benchmarks/bench_algorithms.py``): block 128 sym 45.92 / 0.642 (rtn 48.39 / 0.722;
+before the refit and the head weighting 47.46 / 0.713), block 32 sym 36.35 / 0.366 (rtn 37.91 /
+0.405); asymmetric in ``benchmarks/README.md``.
 
 Differences from the reference implementation (documented choices):
 
@@ -35,12 +40,11 @@ Differences from the reference implementation (documented choices):
   ``beta`` means the same for every weight magnitude (the reference applies ``beta=10`` to raw
   weights, where the threshold is relative to the weights' absolute size: for typical
   transformer weights it never fires and the method reduces to alternating least squares).
-- Symmetric runs start from the rtn-clip grid search (``init="auto"``).
+- Symmetric runs and output heads start from rtn-clip's search (``init="auto"``).
 - Instead of stopping the whole tensor when the mean error stops improving, every group keeps
   its own best iterate under the magnitude-weighted squared error, among the iterates that clip
   no weight past half a step (the start -- min/max, or the clip search -- is iterate 0, so no
   group ends worse than its start).
-- Output heads (``head_rule``): rtn's range is kept, as in rtn-clip (see its module doc).
 """
 
 from __future__ import annotations

@@ -33,10 +33,21 @@ lives in ``benchmarks/README.md``), parts quantized separately, block 128 sym:
 | 30 layers only | 37.03 / 0.451 | 35.70 / 0.443 | 35.52 / 0.415 | |
 | head only | 35.99 / 0.236 | 36.47 / 0.246 | 36.59 / 0.242 | 34.96 / 0.178 |
 
-Asymmetric block 128 is where no calibration-free objective found here follows the output: on
-the 30 layers rtn gives 35.14 / 0.394, the refitted search 36.01 / 0.408, the search without
-refit 35.79 / 0.406, ends moved independently 35.55 / 0.390; on the head rtn 31.87 / 0.143
-against 33.40 / 0.130 (lower KL, higher perplexity).
+Every MatMul 4-bit (``python benchmarks/bench_algorithms.py``; before = the clip search
+without refit, rtn's range on the head):
+
+| setting | rtn | before | rtn-clip |
+| --- | --- | --- | --- |
+| block 32 sym | 37.91 / 0.405 | 36.34 / 0.389 | 36.54 / 0.372 |
+| block 128 sym | 48.39 / 0.722 | 47.77 / 0.738 | 45.84 / 0.642 |
+| block 128 asym | 40.25 / 0.565 | 40.65 / 0.562 | 42.42 / 0.548 |
+
+Asymmetric (integer zero points) is where no calibration-free objective found here follows the
+output: the KL improves but the perplexity does not. On the 30 layers alone at block 128 rtn
+gives 35.14 / 0.394, the refitted search 36.01 / 0.408 with saturation allowed and 35.50 /
+0.387 without (hence ``saturate`` defaults to off for asymmetric), the search without refit
+35.79 / 0.406, ends shrunk independently 35.55 / 0.390; on the head alone rtn gives 31.87 /
+0.143, the vocabulary-energy search 33.40 / 0.130 (with rtn-clip's ratio grid 32.96 / 0.142).
 
 Float zero points: honoured when called with ``spec.float_zero_points`` (asymmetric groups then
 map ``[min, max]`` exactly), but the algorithm is registered without ``float_zero_points`` so
