@@ -9,7 +9,11 @@ tokens, each window on its own), and the bytes of the model files. Rows: fp32, o
 ``MatMulNBitsQuantizer`` (it leaves the embedding table in fp32), the onnxruntime-genai
 builder's own int4 when ``--builder-int4`` names a folder it wrote, and ort-wq with the tied
 table at several precisions (``--override lm_head=bits:B,block:S`` applies to the one shared
-tensor, embedding included). ``--write-readme`` puts the table in ``benchmarks/README.md``.
+tensor, embedding included). A second table compares the file sizes at onnxruntime's own
+settings: MatMuls only (the table left in fp32, as onnxruntime leaves it), 4-bit, block 32/128,
+sym/asym, each tool writing ``model.onnx`` + external data in a folder of its own: total bytes on
+disk, ours/onnxruntime's and the difference (``--sizes-only``: just that table, ~1 min).
+``--write-readme`` puts the tables in ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -41,15 +45,59 @@ def evaluate(path: Path, tokens: np.ndarray, reference: np.ndarray | None) -> tu
                 top1=L.top1(reference[:, :-1], lp[:, :-1])), lp
 
 
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir())
+
+
+def size_table(src: Path) -> str:
+    """Bytes on disk, ort-wq vs onnxruntime's quantizer at the same flags (MatMuls only), per setting."""
+    import ort_wq
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_size_") as tmp:
+        for block in (32, 128):
+            for sym in (True, False):
+                ours, theirs = Path(tmp) / f"ours{block}{sym}", Path(tmp) / f"ort{block}{sym}"
+                ours.mkdir()
+                theirs.mkdir()
+                cfg = ort_wq.WeightOnlyConfig(bits=4, block_size=block, symmetric=sym, accuracy_level=4,
+                                              op_types=("MatMul", "Gemm", "FusedMatMul"))
+                ort_wq.quantize(str(src), cfg, output=ours / "model.onnx")
+                # run in its folder: onnx checks the data file's name against the working folder
+                subprocess.run([sys.executable, str(ROOT / "benchmarks" / "_ort_quantize.py"), str(src), "model.onnx",
+                                "--sym" if sym else "--asym", "--block-size", str(block)], check=True, cwd=theirs)
+                a, b = folder_bytes(ours), folder_bytes(theirs)
+                graphs = (ours / "model.onnx").stat().st_size, (theirs / "model.onnx").stat().st_size
+                rows.append([f"4-bit b{block} {'sym' if sym else 'asym'}", f"{a:,}", f"{b:,}", f"{a / b:.6f}x",
+                             f"{a - b:+,}", f"{graphs[0]:,} / {graphs[1]:,}"])
+                print(" | ".join(rows[-1]), flush=True)
+                for folder in (ours, theirs):
+                    for f in folder.iterdir():
+                        f.unlink()
+    headers = ["setting", "ort-wq bytes", "onnxruntime bytes", "ours/ort", "difference", "graph file bytes (ours / ort)"]
+    table = md_table(headers, rows)
+    print(table)
+    return (f"### Output size at onnxruntime's flags, SmolLM2-135M\n\n`{command_line()}` on {machine()}.\n"
+            f"MatMuls only (the embedding table left fp32 on both sides), accuracy_level 4; each tool writes "
+            f"`model.onnx` + external data into its own folder; bytes = all files. The quantized bytes are "
+            f"identical; what differs is names, value_info and metadata in the graph file.\n\n{table}\n")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="genai fp32 model folder")
     ap.add_argument("--builder-int4", type=Path, help="folder written by the genai builder with -p int4")
+    ap.add_argument("--sizes-only", action="store_true", help="only the same-flags size table")
     ap.add_argument("--write-readme", action="store_true")
     args = ap.parse_args()
     src = args.model / "model.onnx"
     if not src.exists():
         raise SystemExit(f"{src} not found: build it with ../shared/llm/build_smollm2.sh")
+    sizes = size_table(src)
+    if args.write_readme:
+        update_readme("output_size", sizes)
+    if args.sizes_only:
+        return 0
     tokens = L.dev_tokens()
 
     import ort_wq

@@ -205,13 +205,13 @@ def release(tensor: Any) -> None:
 
 def external_files(model: ir.Model) -> set[Path]:
     """Resolved paths of the files the model's external tensors live in."""
-    out = set()
+    files = set()  # (folder, location) pairs: most tensors share one file, resolved once
     for graph in (model.graph, *model.graph.subgraphs()):
         for value in graph.initializers.values():
             t = value.const_value
             if isinstance(t, ir.ExternalTensor):
-                out.add((Path(t.base_dir) / t.location).resolve())
-    return out
+                files.add((str(t.base_dir), t.location))
+    return {(Path(base) / location).resolve() for base, location in files}
 
 
 def model_nbytes(model: ir.Model) -> int:
@@ -224,8 +224,8 @@ def save_model(
 ) -> list[Path]:
     """Save ``model`` to ``path`` atomically; returns the files written.
 
-    ``external_data=None`` writes external data (``<name>.<token>.data``, a name of its own for
-    each write) when the model had it or is too large for one protobuf. ``path`` names the old
+    ``external_data=None`` writes external data (``<name>.data``, or ``<name>_data`` when the
+    current ``path`` reads that name) when the model had it or is too large for one protobuf. ``path`` names the old
     model or the complete new one at every instant (see :mod:`ort_wq.output_files`);
     ``durable=False`` skips the fsyncs that make this hold across a power loss (throw-away copies).
     """

@@ -1,36 +1,37 @@
 """Writing a model so that its path names a complete model at every instant (or nothing).
 
-A model with external data is two files, and no pair of renames replaces two files at once. So
-every write gets its own data file name, ``<OUTPUT>.<token>.data`` (``token``: 12 random hex
-digits), referenced by the graph. The order is:
+A model with external data is two files, and no pair of renames replaces two files at once. So a
+write never reuses the data file the current graph reads: it takes ``<OUTPUT>.data`` or, when
+that name is in use, ``<OUTPUT>_data`` (the two names onnxruntime-genai's builder and optimum
+write), and ``<OUTPUT>.<token>.data`` (``token``: 12 random hex digits) only when both exist.
+Consecutive writes of one output alternate between the two plain names. The order is:
 
 1. graph and data are written (and fsync'ed) in a temporary folder ``.<OUTPUT>.<token>.tmp``
    beside ``OUTPUT``; a failure (or Ctrl-C / SIGTERM) removes that folder and nothing else;
 2. under an exclusive lock on the output folder (``flock``, so concurrent writers take turns),
-   the data file is renamed into the folder under its new name: nothing refers to it yet;
+   the data file's name is chosen (a name no file has), written into the graph, and the data
+   file is renamed into the folder under it: nothing refers to it yet;
 3. the graph is renamed onto ``OUTPUT``: the only step readers can see, atomic;
 4. data files of earlier writes of ``OUTPUT`` (``<OUTPUT>.<token>.data`` not referenced by the
-   new graph, and the old graph's ``<OUTPUT>.data``) are removed, never a file the input reads.
+   new graph, and the plain names when the old graph read them) are removed, never a file the
+   input reads.
 
-A process killed between 2 and 3 leaves an unreferenced data file; one killed before leaves its
-temporary folder. Both are removed by the next write of the same output: a temporary folder is
-held by an ``flock`` while its writer lives (taken under the folder lock, as is the clean-up), so
-only those of dead writers are taken.
+A process killed between 2 and 3 leaves an unreferenced data file (its temporary folder, left
+too, names it); one killed before leaves its temporary folder. Both are removed by the next write
+of the same output: a temporary folder is held by an ``flock`` while its writer lives (taken
+under the folder lock, as is the clean-up), so only those of dead writers are taken.
 Ctrl-C and SIGTERM during steps 2-4 are held back until step 4 is done.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import re
 import secrets
 import shutil
-import signal
 import threading
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -41,13 +42,22 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: no locking (one writer at a time assumed)
     fcntl = None  # type: ignore[assignment]
 
+from .fs_utils import (
+    O_DIRECTORY,
+    as_input_error,
+    fsync_dir,
+    fsync_file,
+    in_background,
+    lock_path,
+    locked_folder,
+    signals_held,
+)
 from .model_io import ModelInputError, external_files, release
+from .output_proto import locations, relocate, serialize
 
 __all__ = ["AtomicModelWriter", "ExternalDataSink", "same_file", "was_written"]
 
-_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-_ENV_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EACCES, errno.EPERM, errno.EROFS,
-               errno.EISDIR, errno.ENOTDIR}
+
 
 
 _WRITTEN: set[str] = set()  # outputs this process has put in place (for what an interrupted CLI reports)
@@ -94,7 +104,7 @@ class ExternalDataSink:
                     self._file.write(b"\0" * pad)
                 self._file.write(raw)
             except OSError as exc:  # a full disk, a quota: the user's to fix
-                raise _as_input_error(exc, self.folder.parent) from None
+                raise as_input_error(exc, self.folder.parent) from None
             offset = self._offset + pad
             self._offset = offset + len(raw)
         return ir.ExternalTensor(self.name, offset, len(raw), tensor.dtype, shape=tensor.shape, name=name,
@@ -129,7 +139,8 @@ class AtomicModelWriter:
             raise ModelInputError(f"{self.parent}: output folder is not writable (check its permissions)")
         self.external_data = external_data
         self.token = secrets.token_hex(6)
-        self.data_name = f"{self.dest.name}.{self.token}.data"
+        self.data_name = f"{self.dest.name}.{self.token}.data"  # in the temporary folder; renamed in step 2
+        self.plain_names = (f"{self.dest.name}.data", f"{self.dest.name}_data")
         self._data_re = re.compile(re.escape(self.dest.name) + r"\.[0-9a-f]{12}\.data")
         self._tmp_re = re.compile(r"\." + re.escape(self.dest.name) + r"\.[0-9a-f]{12}\.tmp")
         self.tmp: Path | None = None
@@ -156,7 +167,7 @@ class AtomicModelWriter:
         tmp = self.parent / f".{self.dest.name}.{self.token}.tmp"
         try:
             # under the folder lock: no other writer's cleanup sees our folder before it is locked
-            with _locked_folder(self.parent):
+            with locked_folder(self.parent):
                 self._remove_stale_temporaries()
                 self.tmp = tmp  # before mkdir: a signal handled as mkdir returns must still remove it
                 try:
@@ -164,13 +175,13 @@ class AtomicModelWriter:
                 except FileExistsError:  # not ours (48 random bits never repeat in practice)
                     self.tmp = None
                     raise
-                self._tmp_fd = _lock_path(tmp)
+                self._tmp_fd = lock_path(tmp)
             if self.external_data:
                 self.sink = ExternalDataSink(tmp, self.data_name)
         except BaseException as exc:
             self.__exit__()
             if isinstance(exc, OSError):
-                raise _as_input_error(exc, self.parent) from None
+                raise as_input_error(exc, self.parent) from None
             raise
         return self
 
@@ -191,17 +202,17 @@ class AtomicModelWriter:
         try:
             self._move_tensors(model)
             if self.sink is not None:
-                self.sink.close(sync=self.durable)
-            ir.save(model, self.tmp / self.dest.name)
-            if self.durable:
-                _fsync_file(self.tmp / self.dest.name)
+                with in_background(self.sink.close, sync=self.durable):  # the data reaches the disk meanwhile
+                    proto = serialize(model)
+            else:
+                proto = serialize(model)
         except OSError as exc:
-            raise _as_input_error(exc, self.parent) from None
-        with _signals_held(), _locked_folder(self.parent):
-            written = self._commit()
+            raise as_input_error(exc, self.parent) from None
+        with signals_held(), locked_folder(self.parent):
+            written, data_name = self._commit(proto)
             _WRITTEN.add(os.path.abspath(self.dest))
         if self.sink is not None:
-            ir.external_data.set_base_dir(model.graph, str(self.parent))
+            _point_to(model, self.sink.folder, self.parent, data_name)
         return written
 
     def _move_tensors(self, model: ir.Model) -> None:
@@ -219,48 +230,85 @@ class AtomicModelWriter:
                     continue
                 release(t)
 
-    def _commit(self) -> list[Path]:
-        """Steps 2-4 of the module docstring (the caller holds the folder lock)."""
+    def _commit(self, proto: onnx.ModelProto) -> tuple[list[Path], str]:
+        """Steps 2-4 of the module docstring (the caller holds the folder lock); returns the files
+        written and the data file's name."""
         assert self.tmp is not None
-        legacy = self.parent / (self.dest.name + ".data")  # how earlier versions named the data file
-        old_refs = _locations(self.dest) if legacy.is_file() else set()
+        exists = any(os.path.lexists(self.parent / n) for n in self.plain_names)
+        old_refs = locations(self.dest) if exists else set()  # what the current graph reads
+        self._remove_orphans(old_refs)
+        name = self.data_name
+        if self.sink is not None:
+            name = next((n for n in self.plain_names if not os.path.lexists(self.parent / n)), self.data_name)
+            relocate(proto, self.data_name, name)
+        graph = self.tmp / self.dest.name
         written = []
         moved: Path | None = None
         try:
+            graph.write_bytes(proto.SerializeToString())
+            if self.durable:
+                fsync_file(graph)
             if self.sink is not None:
-                moved = self.parent / self.data_name
+                moved = self.parent / name
                 if moved.exists():  # a 48-bit name clash: never replace a file
                     raise ModelInputError(f"{moved}: exists; run again")
+                # what a writer killed from here on leaves undone (see _remove_orphans)
+                (self.tmp / _MOVED).write_text("\n".join([name, *sorted(old_refs & set(self.plain_names) - {name})]))
                 os.replace(self.tmp / self.data_name, moved)
                 written.append(moved)
-            os.replace(self.tmp / self.dest.name, self.dest)
+            os.replace(graph, self.dest)
         except BaseException as exc:
             if moved is not None:
                 with contextlib.suppress(OSError):
                     moved.unlink()
             if isinstance(exc, OSError):
-                raise _as_input_error(exc, self.parent) from None
+                raise as_input_error(exc, self.parent) from None
             raise
         written.append(self.dest)
         if self.durable:
-            _fsync_dir(self.parent)
-        self._remove_old_data(old_refs)
-        return written
+            fsync_dir(self.parent)
+        self._remove_old_data(old_refs, name)
+        return written, name
 
-    def _remove_old_data(self, old_refs: set[str]) -> None:
+    def _remove_old_data(self, old_refs: set[str], keep: str) -> None:
         """Data files of earlier writes of this output (never ours, never one the input reads)."""
-        legacy = self.dest.name + ".data"
         for entry in os.scandir(self.parent):
             name = entry.name
-            if name == self.data_name or not (self._data_re.fullmatch(name) or (name == legacy and name in old_refs)):
+            if name == keep or not (self._data_re.fullmatch(name) or (name in self.plain_names and name in old_refs)):
                 continue
-            path = self.parent / name
-            if entry.is_file(follow_symlinks=False) and not any(same_file(path, p) for p in self._protected):
-                with contextlib.suppress(OSError):
-                    path.unlink()
+            self._remove(self.parent / name)
+
+    def _remove(self, path: Path) -> None:
+        if path.is_file() and not path.is_symlink() and not any(same_file(path, p) for p in self._protected):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    def _remove_orphans(self, old_refs: set[str]) -> None:
+        """What writers killed after step 2 left undone; their folders' notes say what it is.
+
+        A note names the data file moved in, then the old data files to remove. If the current
+        graph (which reads ``old_refs``) does not read the moved file, the writer died before
+        step 3 and the file is removed; otherwise step 4 is done for it.
+        """
+        for entry in self._dead_temporaries(noted=True):
+            with contextlib.suppress(OSError):
+                moved, *old = (Path(entry.path) / _MOVED).read_text().splitlines()
+                for name in (old if moved in old_refs else [moved]):
+                    if name in self.plain_names and name not in old_refs:
+                        self._remove(self.parent / name)
+            shutil.rmtree(entry.path, ignore_errors=True)
 
     def _remove_stale_temporaries(self) -> None:
-        """Temporary folders of earlier writes of this output whose writer no longer runs."""
+        """Temporary folders of earlier writes of this output whose writer no longer runs.
+
+        Those that name a data file they moved in are left to ``_remove_orphans`` (in step 2,
+        when what the input reads is known).
+        """
+        for entry in self._dead_temporaries(noted=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+    def _dead_temporaries(self, noted: bool):
+        """Temporary folders of this output that no live writer holds (with or without a ``_MOVED`` note)."""
         if fcntl is None:
             return
         try:
@@ -268,8 +316,12 @@ class AtomicModelWriter:
         except OSError:
             return
         for entry in entries:
+            if self.tmp is not None and entry.name == self.tmp.name:
+                continue
+            if os.path.exists(os.path.join(entry.path, _MOVED)) != noted:
+                continue
             try:
-                fd = os.open(entry.path, os.O_RDONLY | _O_DIRECTORY)
+                fd = os.open(entry.path, os.O_RDONLY | O_DIRECTORY)
             except OSError:
                 continue
             try:
@@ -277,100 +329,26 @@ class AtomicModelWriter:
             except OSError:  # held: its writer is alive
                 os.close(fd)
                 continue
-            shutil.rmtree(entry.path, ignore_errors=True)
-            os.close(fd)
-
-
-def _locations(path: Path) -> set[str]:
-    """External-data locations the graph at ``path`` refers to (empty if unreadable)."""
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - absent or not a model: nothing to clean
-        return set()
-    from .model_io import _all_tensors
-
-    out = set()
-    for t in _all_tensors(proto.graph):
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            out.update(e.value for e in t.external_data if e.key == "location")
-    return out
-
-
-def _as_input_error(exc: OSError, folder: Path) -> ModelInputError | OSError:
-    if exc.errno in _ENV_ERRNOS:
-        where = exc.filename2 or exc.filename  # a rename names its destination second
-        return ModelInputError(f"cannot write the output in {folder}: {exc.strerror or exc}"
-                               f"{f' ({where})' if where else ''}; nothing was written")
-    return exc
-
-
-def _lock_path(path: Path) -> int | None:
-    """An exclusive ``flock`` on a folder, held until the returned descriptor is closed.
-
-    ``None`` where the platform or file system has no such locks (then writers are not serialised).
-    """
-    if fcntl is None:
-        return None
-    fd = os.open(path, os.O_RDONLY | _O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-            return None
-        raise
-    return fd
-
-
-@contextlib.contextmanager
-def _locked_folder(folder: Path):
-    fd = _lock_path(folder)
-    try:
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)  # closing releases the flock
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY | _O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def _signals_held():
-    """Hold SIGINT / SIGTERM back while the files move (main thread only); re-deliver them after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    sigs = [signal.SIGINT, signal.SIGTERM]
-    old: dict[int, Any] = {}
-    completed = False
-    try:
-        for s in sigs:
-            old[s] = signal.signal(s, lambda num, frame: pending.append(num))
-        yield
-        completed = True
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-        for s in pending[:1]:
-            handler = old[s]
             try:
-                if callable(handler):
-                    handler(s, None)
-                elif handler == signal.SIG_DFL:
-                    signal.raise_signal(s)
-            except KeyboardInterrupt as exc:  # the files are in place: say so to whoever reports it
-                exc.output_written = completed  # type: ignore[attr-defined]
-                raise
+                yield entry
+            finally:
+                os.close(fd)
+
+
+_MOVED = "moved"  # in a temporary folder: the name its data file was moved in under
+
+
+def _point_to(model: ir.Model, folder: Path, parent: Path, name: str) -> None:
+    """Point the in-memory tensors written to ``folder`` at the data file ``parent / name``."""
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            t = value.const_value
+            if isinstance(t, ir.ExternalTensor) and Path(t.base_dir) == folder:
+                if t.location == name:
+                    t.base_dir = str(parent)
+                else:
+                    release(t)
+                    value.const_value = ir.ExternalTensor(name, t.offset, t.length, t.dtype, shape=t.shape,
+                                                          name=t.name, base_dir=str(parent))
+
+

@@ -18,6 +18,8 @@ uses 8).
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 __all__ = [
@@ -47,6 +49,14 @@ def _pack_last_axis(q: np.ndarray, bits: int) -> np.ndarray:
     q = np.asarray(q)
     if bits == 8:
         return q.astype(np.uint8, copy=True)
+    if bits == 4 and sys.byteorder == "little":
+        # each pair (lo, hi) read as one uint16 lo | hi << 8: the byte is lo | (hi & 15) << 4,
+        # what the general path below computes, in three whole-array operations
+        pairs = np.ascontiguousarray(q, dtype=np.uint8).view(np.uint16)
+        out = pairs >> 4
+        out &= 0x00F0
+        out |= pairs
+        return out.astype(np.uint8)
     per = 8 // bits
     grouped = q.astype(np.uint8).reshape(*q.shape[:-1], q.shape[-1] // per, per)
     out = grouped[..., 0].copy()

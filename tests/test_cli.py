@@ -122,16 +122,16 @@ def test_bad_usage_exit_2(capsys):
 
 def test_failure_midway_leaves_no_output(model_file, tmp_path, capsys, monkeypatch):
     """The failure comes after the whole model was written (to the temporary folder): nothing appears."""
-    import onnx_ir as ir
+    from ort_wq import output_files
 
-    real_save, saved = ir.save, []
+    real_sync, saved = output_files.fsync_file, []
 
-    def save_then_fail(model, path, *a, **k):
-        real_save(model, path, *a, **k)
+    def sync_then_fail(path):  # the graph file, written last
+        real_sync(path)
         saved.append(path)
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(ir, "save", save_then_fail)
+    monkeypatch.setattr(output_files, "fsync_file", sync_then_fail)
     src, _ = model_file
     out = tmp_path / "out.onnx"
     assert main(["quantize", str(src), str(out)]) == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -98,7 +99,9 @@ def _leftovers(folder: Path, name: str) -> list[str]:
 
 
 def _data_files(folder: Path, name: str) -> list[str]:
-    return sorted(p.name for p in folder.glob(name + ".*.data"))
+    """The output's data files: ``NAME.data``, ``NAME_data`` (alternating) or ``NAME.<token>.data``."""
+    token = re.compile(re.escape(name) + r"\.[0-9a-f]{12}\.data")
+    return sorted(p.name for p in folder.iterdir() if p.name in (name + ".data", name + "_data") or token.fullmatch(p.name))
 
 
 def test_kill_at_each_step_of_the_replacement(source, tmp_path):

@@ -67,3 +67,25 @@ def test_import_does_not_load_the_reference_ops():
             "assert 'onnxruntime_extensions' in sys.modules\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_quantize_command_does_not_import_onnxruntime(tmp_path):
+    """``ort-wq quantize`` needs neither onnxruntime nor the reference ops nor tqdm (with --quiet):
+    they are imported where used; ``ort_wq.validate`` still names the function."""
+    import subprocess
+    import sys
+
+    from .models import matmul_model
+
+    model, _ = matmul_model(k=64, n=32)
+    onnx.save_model(model, tmp_path / "m.onnx")
+    code = ("import sys; from ort_wq.cli import main\n"
+            f"assert main(['quantize', {str(tmp_path / 'm.onnx')!r}, {str(tmp_path / 'q.onnx')!r}, '--quiet']) == 0\n"
+            "loaded = [m for m in ('onnxruntime', 'ort_wq.ops', 'ort_wq.validate', 'tqdm') if m in sys.modules]\n"
+            "assert not loaded, loaded\n"
+            "import ort_wq, ort_wq.validate as v\n"
+            "from ort_wq.validate import ValidationReport\n"
+            "assert callable(ort_wq.validate) and ort_wq.validate is v and ort_wq.ValidationReport is ValidationReport\n"
+            "assert {'validate', 'ValidationReport', 'ops'} <= set(dir(ort_wq))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr

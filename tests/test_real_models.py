@@ -31,7 +31,7 @@ def test_minilm_default_quality(tmp_path):
     _, report = quantize(str(M.MINILM), WeightOnlyConfig(), output=out, return_report=True)
     assert sum(c.new_op == "MatMulNBits" for c in report.converted) == 36
     assert sum(c.new_op == "GatherBlockQuantized" for c in report.converted) == 3  # word, position, type
-    assert len(list(tmp_path.glob("q.onnx.*.data"))) == 1  # the input had external data
+    assert (tmp_path / "q.onnx.data").is_file()  # the input had external data
     cos, nn = M.quality(ref, M.embed(out, feeds))
     assert cos >= MINILM_MIN_COSINE, cos
     assert nn >= 0.8

@@ -232,10 +232,10 @@ def test_idempotent():
 def test_name_collisions():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((64, 16)).astype(np.float32)
-    m = make_model([helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"), helper.make_node("Add", ["h", "W_Q4G32"], ["y0"]),
+    m = make_model([helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"), helper.make_node("Add", ["h", "W_Q4"], ["y0"]),
                     helper.make_node("Add", ["y0", "W_scales"], ["y"])],
                    [vi("x", ["M", 64])], [vi("y", ["M", 16])],
-                   [init("W", w), init("W_Q4G32", np.ones(16, np.float32)), init("W_scales", np.full(16, 2, np.float32))])
+                   [init("W", w), init("W_Q4", np.ones(16, np.float32)), init("W_scales", np.full(16, 2, np.float32))])
     q = quantize(m, cfg())
     names = [i.name for i in q.graph.initializer]
     assert len(names) == len(set(names))
@@ -331,7 +331,7 @@ def test_external_data_model(tmp_path):
     before = (src.read_bytes(), (tmp_path / "in.onnx.data").read_bytes())
     out = tmp_path / "out.onnx"
     assert quantize(str(src), cfg(), output=out) == str(out)
-    assert len(list(tmp_path.glob("out.onnx.*.data"))) == 1
+    assert (tmp_path / "out.onnx.data").is_file() and not list(tmp_path.glob("out.onnx.*.data"))
     assert (src.read_bytes(), (tmp_path / "in.onnx.data").read_bytes()) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     x = x_for(256)

@@ -203,7 +203,7 @@ def test_external_data_models(tmp_path):
         folder = tmp_path / name
         folder.mkdir()
         save_model(ir.serde.deserialize_model(model), folder / "model.onnx", external_data=True)
-        assert next(folder.glob("model.onnx.*.data")).stat().st_size > 1000
+        assert (folder / "model.onnx.data").stat().st_size > 1000
         paths.append(folder / "model.onnx")
     by_path = validate(*paths, reference=True)
     assert by_path.passed() and all(n.ok for n in by_path.nodes)

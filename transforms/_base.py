@@ -44,16 +44,19 @@ class WeightOnlyRule(RewriteRuleClassBase):
         self._consumer, self._target = consumer, target
         return result
 
-    def named(self, output: ir.Value) -> ir.Value:
-        """Name the new nodes behind ``output`` after the node they replace (``<name>/<op>``)."""
+    def named(self, output: ir.Value, bits: int, main: ir.Value | None = None) -> ir.Value:
+        """Name the new nodes behind ``output`` after the node they replace, as onnxruntime's quantizer
+        does: ``<name>_Q4`` for the node computing ``main`` (default ``output``), ``<name>_Q4/<op>``
+        for the others."""
         node = self._consumer.node if self._consumer is not None else None
-        base = (node.name if node is not None else "") or "weight_only"
+        base = f"{(node.name if node is not None else '') or 'weight_only'}_Q{bits}"
+        root = (main if main is not None else output).producer()
         todo = [output.producer()]
         while todo:
             new = todo.pop()
             if new is None or new.name or new.graph is not None:
                 continue
-            new.name = self.ctx.unique_name(f"{base}/{new.op_type}")
+            new.name = self.ctx.unique_name(base if new is root else f"{base}/{new.op_type}")
             todo.extend(v.producer() for v in new.inputs if v is not None)
         return output
 
@@ -67,10 +70,11 @@ class WeightOnlyRule(RewriteRuleClassBase):
         self.ctx.record(consumer.node, op_type or emitter.OP_TYPE, entry)
         return emitter, entry.values[storage], entry
 
-    def emit_matmul(self, op, x, bias=None):
-        """``x @ W (+ bias)`` in the configured format, named after the replaced node."""
+    def emit_matmul(self, op, x, bias=None, add=None):
+        """``x @ W (+ bias)`` in the configured format (``+ add`` as its own node), named after the replaced node."""
         emitter, values, entry = self.emitted()
         ref, level = entry.ref, self.ctx.config.accuracy_level
         if bias is not None and not emitter.SUPPORTS_BIAS:
-            return self.named(op.Add(emitter.emit(op, x, values, entry.spec, ref.k, ref.n, None, level), bias))
-        return self.named(emitter.emit(op, x, values, entry.spec, ref.k, ref.n, bias, level))
+            bias, add = None, bias
+        y = emitter.emit(op, x, values, entry.spec, ref.k, ref.n, bias, level)
+        return self.named(y if add is None else op.Add(y, add), entry.spec.bits, main=y)

@@ -16,7 +16,7 @@ def layout(k: int, n: int, spec: QuantSpec, dtype, **_) -> dict[str, tuple[str, 
     kb = -(-k // 32)
     rec = fpq4_record_size(0 if spec.symmetric else 1)
     return {
-        "B": ("_Q4G32", ir.DataType.UINT8, [n * kb * rec]),
+        "B": ("_Q4", ir.DataType.UINT8, [n * kb * rec]),
         "B_shape": ("_shape", ir.DataType.INT64, [2]),
     }
 

@@ -25,14 +25,14 @@ def layout(k: int, n: int, spec: QuantSpec, dtype, b_2d: bool = False) -> dict[s
     kb = -(-k // spec.block_size)
     blob = spec.block_size * spec.bits // 8
     out = {
-        "B": (f"_Q{spec.bits}G{spec.block_size}", ir.DataType.UINT8, [n, kb * blob] if b_2d else [n, kb, blob]),
+        "B": (f"_Q{spec.bits}", ir.DataType.UINT8, [n, kb * blob] if b_2d else [n, kb, blob]),
         "scales": ("_scales", _float(dtype), [n, kb]),
     }
     if not spec.symmetric:
         if spec.float_zero_points:
-            out["zero_points"] = ("_zp", _float(dtype), [n, kb])
+            out["zero_points"] = ("_zero_points", _float(dtype), [n, kb])
         else:
-            out["zero_points"] = ("_zp", ir.DataType.UINT8, [n, -(-kb * spec.bits // 8)])
+            out["zero_points"] = ("_zero_points", ir.DataType.UINT8, [n, -(-kb * spec.bits // 8)])
     return out
 
 

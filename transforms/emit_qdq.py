@@ -40,11 +40,11 @@ def layout(k: int, n: int, spec: QuantSpec, dtype, rows: bool = False) -> dict[s
         return [b, a] if rows else [a, b]
 
     out = {
-        "q": (f"_Q{spec.bits}G{spec.block_size}", qtype, shape(k, n)),
-        "scale": ("_scale", _float(dtype), shape(kb, n)),
+        "q": (f"_Q{spec.bits}", qtype, shape(k, n)),
+        "scale": ("_scales", _float(dtype), shape(kb, n)),
     }
     if not spec.symmetric:
-        out["zero_point"] = ("_zp", qtype, shape(kb, n))
+        out["zero_point"] = ("_zero_points", qtype, shape(kb, n))
     return out
 
 
