@@ -52,10 +52,10 @@ def setting():
     return model, calib, evals, _log_probs(model, evals)
 
 
-def _kl(setting, algorithm: str, exclude=(), **options) -> tuple[float, object]:
+def _kl(setting, algorithm: str, exclude=(), include=(), symmetric=True, **options) -> tuple[float, object]:
     model, calib, evals, ref = setting
-    cfg = WeightOnlyConfig(bits=4, block_size=128, symmetric=True, algorithm=algorithm, accuracy_level=0,
-                           op_types=MATMULS, algorithm_options=options, exclude=list(exclude))
+    cfg = WeightOnlyConfig(bits=4, block_size=128, symmetric=symmetric, algorithm=algorithm, accuracy_level=0,
+                           op_types=MATMULS, algorithm_options=options, exclude=list(exclude), include=list(include))
     q, report = quantize(model, cfg, calibration=calib if algorithm in ("imatrix", "awq", "gptq") else None,
                          return_report=True)
     lp = _log_probs(q, evals)
@@ -66,6 +66,16 @@ def test_searches_never_lose_to_rtn_and_data_aware_ones_win(setting):
     kl = {alg: _kl(setting, alg)[0] for alg in ("rtn", "rtn-clip", "hqq", "imatrix")}
     assert kl["rtn-clip"] <= kl["rtn"] and kl["hqq"] <= kl["rtn"], kl
     assert kl["imatrix"] < 0.85 * kl["rtn"], kl
+
+
+@pytest.mark.parametrize("algorithm", ["rtn-clip", "hqq"])
+def test_output_head_search_follows_the_logits(setting, algorithm):
+    """The head alone (576 x 49152, the tied table): the search weighted by the vocabulary's channel
+    energy must beat rtn clearly."""
+    head = ["lm_head"]
+    base, _ = _kl(setting, "rtn", include=head)
+    kl, _ = _kl(setting, algorithm, include=head)
+    assert kl < 0.9 * base, (kl, base)
 
 
 def test_awq_scales_fold_into_skip_simplified_layer_norm_and_beat_rtn(setting):

@@ -23,11 +23,16 @@ kernel for them: at M = 1 (one decoded token) a call takes 22-600x as long
 (``benchmarks/bench_zero_points.py``; 576 x 1536 block 32: 1.6 ms vs 0.07 ms), so decoding
 becomes many times slower.
 
-The searches keep, per group, the best iterate under the magnitude-weighted squared error
-(``objective="magnitude"``, :mod:`._importance`: ``(1 + w^2 / sigma2) e^2``) rather than the plain
-squared error (``"mse"``): the plain error lets HQQ and the clip search trade an output head's
-largest weights for its many small ones (SmolLM2 2-layer, block 128 sym, KL: 0.463 with
-``"mse"``, 0.139 with ``"magnitude"``, rtn 0.154).
+The searches keep, per group, the best iterate under rtn-clip's objective for the weight
+(:func:`.rtn_clip.search_objective`): the magnitude-weighted squared error (``objective=
+"magnitude"``, :mod:`._importance`: ``(1 + w^2 / sigma2) e^2``) rather than the plain squared
+error (``"mse"``), which lets HQQ trade an output head's largest weights for its many small ones
+(SmolLM2 2-layer, block 128 sym, KL: 0.463 with ``"mse"``, 0.139 with ``"magnitude"``, rtn
+0.154); on output heads the vocabulary-energy weighting of rtn-clip, from rtn-clip's head search.
+Measured on SmolLM2-135M (perplexity / KL to fp32 on 8 x 256 tokens, fp32 28.36, every MatMul
+4-bit, ``benchmarks/bench_algorithms.py``): block 128 sym 45.92 / 0.642 (rtn 48.39 / 0.722;
+before the refit and the head weighting 47.46 / 0.713), block 32 sym 36.35 / 0.366 (rtn 37.91 /
+0.405); asymmetric in ``benchmarks/README.md``.
 
 Differences from the reference implementation (documented choices):
 
@@ -35,12 +40,11 @@ Differences from the reference implementation (documented choices):
   ``beta`` means the same for every weight magnitude (the reference applies ``beta=10`` to raw
   weights, where the threshold is relative to the weights' absolute size: for typical
   transformer weights it never fires and the method reduces to alternating least squares).
-- Symmetric runs start from the rtn-clip grid search (``init="auto"``).
+- Symmetric runs and output heads start from rtn-clip's search (``init="auto"``).
 - Instead of stopping the whole tensor when the mean error stops improving, every group keeps
   its own best iterate under the magnitude-weighted squared error, among the iterates that clip
   no weight past half a step (the start -- min/max, or the clip search -- is iterate 0, so no
   group ends worse than its start).
-- Output heads (``head_rule``): rtn's range is kept, as in rtn-clip (see its module doc).
 """
 
 from __future__ import annotations
@@ -49,8 +53,6 @@ import numpy as np
 
 from ._common import (
     check_weight,
-    clip_ratios,
-    default_min_ratio,
     finalize,
     group_error,
     group_norm,
@@ -58,16 +60,15 @@ from ._common import (
     masked_minmax,
     maxq_of,
     minmax_params,
-    minmax_result,
     out_dtype,
     quantize,
     round_scale,
     round_zp,
     run_chunks,
-    search_clip,
 )
-from ._importance import HEAD_NOTE, OBJECTIVES, looks_like_output_head, objective_weights
+from ._importance import OBJECTIVES
 from .base import LayerStats, OptionSpec, QuantizedWeight, QuantSpec, register
+from .rtn_clip import clip_search, search_objective
 
 
 def _shrink_lp(d: np.ndarray, beta: float, p: float) -> np.ndarray:
@@ -83,15 +84,15 @@ def _shrink_lp(d: np.ndarray, beta: float, p: float) -> np.ndarray:
     return np.copysign(t, d)
 
 
-def _hqq_chunk(x, mask, spec, dtype, iters, lp_norm, beta, kappa, optimize_scale, ratios, weights):
+def _hqq_chunk(x, mask, spec, dtype, iters, lp_norm, beta, kappa, optimize_scale, start, weights):
     maxq = maxq_of(spec.bits)
     lo, hi = masked_minmax(x, mask)
     norm = group_norm(lo, hi)
     wc = None if weights is None else weights(x, 0, 0)
-    if ratios is None:
+    if start is None:
         s, z = minmax_params(lo, hi, spec, 1.0, dtype)
     else:
-        s, z = search_clip(x, mask, spec, dtype, ratios, weights=weights)
+        s, z = start
     best_err = group_error(x, s, z, maxq, mask, None, wc, norm)
     best_s, best_z = s, z
     # work in units of the initial step: x / s0 (s0 > 0 always)
@@ -160,32 +161,40 @@ def hqq(
 
     ``init``: the starting point -- ``"minmax"`` (HQQ's), ``"clip"`` (the rtn-clip search) or
     ``"auto"``: clip search when symmetric (only the scale is free there, and the fit started
-    from min/max ends worse than the grid), min/max otherwise (measured better for asymmetric).
+    from min/max ends worse than the grid) and on output heads, min/max otherwise (measured
+    better for asymmetric). The iterates are judged by rtn-clip's objective for the weight
+    (:func:`.rtn_clip.search_objective`: output heads by the vocabulary's channel energy).
 
     Float zero points only when ``spec.float_zero_points`` and not ``spec.symmetric``. ``stats``
     is ignored.
     """
     w = check_weight(w, spec)
     k = w.shape[0]
-    if head_rule and looks_like_output_head(*w.shape):
-        return minmax_result(w, spec, HEAD_NOTE)
     dtype = out_dtype(w)
     if init not in ("auto", "minmax", "clip"):
         raise ValueError(f"init={init!r}: use 'auto', 'minmax' or 'clip'")
-    if init == "auto":
-        init = "clip" if spec.symmetric else "minmax"
-    ratios = clip_ratios(spec, 20, default_min_ratio(spec)) if init == "clip" else None
-    weights = objective_weights(objective)
     x, mask = group_view(w, spec.block_size)
+    notes: list[str] = []
+    weights, head = search_objective(w, spec, objective, head_rule)
+    if init == "auto":
+        init = "clip" if spec.symmetric or head else "minmax"
+    if init == "minmax":
+        start = None
+    else:
+        s0, z0, weights, notes = clip_search(w, x, mask, spec, dtype, objective=objective, head_rule=head_rule)
+        start = (s0, z0)
     n, kb, bs = x.shape
     scale = np.empty((n, kb), dtype=np.float32)
     zp = np.empty((n, kb), dtype=np.float32)
 
     def one(c0: int, c1: int) -> None:
+        st = None if start is None else (start[0][c0:c1], start[1][c0:c1])
         scale[c0:c1], zp[c0:c1] = _hqq_chunk(
-            x[c0:c1], mask, spec, dtype, iters, lp_norm, beta, kappa, optimize_scale, ratios, weights
+            x[c0:c1], mask, spec, dtype, iters, lp_norm, beta, kappa, optimize_scale, st, weights
         )
 
     run_chunks(one, n, kb * bs)
-    return finalize(x, scale, zp, spec, k, dtype)
+    result = finalize(x, scale, zp, spec, k, dtype)
+    result.notes.extend(notes)
+    return result
 

@@ -32,6 +32,7 @@ import numpy as np
 from ._common import (
     check_weight,
     finalize,
+    float_zp,
     group_view,
     maxq_of,
     out_dtype,
@@ -87,17 +88,26 @@ def refit(x, wts, scale, zp, spec: QuantSpec, dtype, maxq: int) -> tuple[np.ndar
     ok &= a > 0
     s = round_scale(np.where(ok, a, scale), dtype)
     z = round_zp(np.where(ok, -b / np.where(ok, s, 1.0), zp), spec, dtype)
+    if not float_zp(spec):
+        # the zero point was rounded: refit the scale alone for these codes and that zero point
+        c = q - z[..., None]
+        uc = wts * c
+        den = _dot(uc, c)
+        s1 = np.where(den > 0, _dot(uc, x) / np.where(den > 0, den, 1.0), 0.0)
+        s = np.where(ok & (s1 > 0), round_scale(s1, dtype), s)
     return s, z
 
 
-def weighted_search(x, mask, spec: QuantSpec, dtype, weights, ratios, refine: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def weighted_search(x, mask, spec: QuantSpec, dtype, weights, ratios, refine: bool = True,
+                    no_saturation: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per group, the best candidate (ratio, then optional refit) under the weighted error; ``(scale, zp)``."""
     maxq = maxq_of(spec.bits)
 
     def fit(xc, wc, s, z):
         return refit(xc, wc, s, z, spec, dtype, maxq)
 
-    return search_clip(x, mask, spec, dtype, ratios, weights=weights, refit=fit if refine else None)
+    return search_clip(x, mask, spec, dtype, ratios, weights=weights, refit=fit if refine else None,
+                       no_saturation=no_saturation)
 
 
 @register("imatrix", needs_calibration=True, statistics="diagonal", options={

@@ -1,24 +1,53 @@
-"""RTN+ ("rtn-clip"): round to nearest with a per-group clip-ratio search. No calibration.
+"""RTN+ ("rtn-clip"): round to nearest with a per-group range search and refit. No calibration.
 
-For every group (``block_size`` consecutive K values of one output column) the range is shrunk
-by each ratio of a grid (1.0 down to ``min_ratio``; the ``"inc"`` symmetric grid also tries
-ratios slightly above 1 so a positive maximum can be hit exactly) and the ratio with the
-smallest error of that group is kept. Ratio 1 is the round-to-nearest range, so no group
-reconstructs worse than min/max rounding under the measured error (asymmetric integer zero
-points: range widened to include 0, see :mod:`._common`).
+For every group (``block_size`` consecutive K values of one output column), after llama.cpp's
+k-quants without an importance matrix (``make_qx_quants`` / ``make_qkx2_quants``):
 
-What is measured, chosen on a real LLM (SmolLM2-135M, block 128 sym, perplexity, fp32 28.35,
-rtn 48.39):
+1. candidates: the range shrunk by each ratio of a grid (1.0 down to ``min_ratio``; the
+   ``"inc"`` symmetric grid also tries ratios slightly above 1 so a positive maximum can be hit
+   exactly), codes by rounding to nearest;
+2. (``refine``, default) for each candidate but ratio 1, the weighted least-squares parameters
+   for its codes: ``s = sum u w c / sum u c^2`` (``c = q - z``, symmetric), or the joint fit of
+   ``w ~ a q + b`` with the integer zero point re-rounded and the scale refitted for it
+   (asymmetric); see :func:`.imatrix.refit`;
+3. the candidate with the smallest weighted error ``sum u (w - s (q - z))^2`` is kept. Ratio 1
+   is rtn's range, so no group reconstructs worse than rtn under that error (asymmetric integer
+   zero points: range widened to include 0, see :mod:`._common`).
 
-- ``objective="magnitude"`` (default): squared errors weighted by ``1 + w^2 / sigma2``
-  (:mod:`._importance`), and (``saturate=False``) no candidate that clips a weight by more than
-  half of its step. The plain squared error (``"mse"``) trades an output head's few large
-  weights -- the ones that make its top logits -- for its many small ones (SmolLM2 2-layer, KL
-  of the logits: 0.423 with ``"mse"``, 0.137 with ``"magnitude"``, rtn 0.154).
-- output heads (``head_rule``, :func:`._importance.looks_like_output_head`): rtn's range is kept.
-  The search gains on the 30 layers (35.70 vs rtn's 37.03 with the head left fp32) but loses on
-  the head (36.47 vs 35.99 with only the head quantized); no weight-space error found here
-  predicts the head's logit error without activation statistics (``imatrix`` has them).
+The weight ``u`` (:mod:`._importance`) is the calibration-free stand-in for output error:
+
+- any weight: ``1 + w^2 / sigma2`` (``objective="magnitude"``; ``sigma2`` the column's mean
+  square), llama.cpp's ``sigma2 + x^2``. The plain squared error (``"mse"``) trades a head's few
+  large weights -- the ones that make its top logits -- for its many small ones.
+- output heads (``head_rule``, :func:`._importance.looks_like_output_head`): no weight-space
+  error found predicts a head's logit error, so the head gets imatrix's search
+  (:mod:`.imatrix`: candidates around ratio 1 and, on the MLAS grid, mirrored; ``sqrt(1 + w^2 /
+  sigma2)`` times an input energy) with :func:`._importance.vocabulary_energy` -- the
+  channel energy of the head's own columns -- in place of the measured activation energy.
+
+Measured on SmolLM2-135M (perplexity / KL to fp32 on 8 x 256 tokens, fp32 28.36; the table
+lives in ``benchmarks/README.md``), parts quantized separately, block 128 sym:
+
+| part quantized | rtn | clip search (before) | + refit | head: vocabulary energy |
+| --- | --- | --- | --- | --- |
+| 30 layers only | 37.03 / 0.451 | 35.70 / 0.443 | 35.52 / 0.415 | |
+| head only | 35.99 / 0.236 | 36.47 / 0.246 | 36.59 / 0.242 | 34.96 / 0.178 |
+
+Every MatMul 4-bit (``python benchmarks/bench_algorithms.py``; before = the clip search
+without refit, rtn's range on the head):
+
+| setting | rtn | before | rtn-clip |
+| --- | --- | --- | --- |
+| block 32 sym | 37.91 / 0.405 | 36.34 / 0.389 | 36.54 / 0.372 |
+| block 128 sym | 48.39 / 0.722 | 47.77 / 0.738 | 45.84 / 0.642 |
+| block 128 asym | 40.25 / 0.565 | 40.65 / 0.562 | 42.42 / 0.548 |
+
+Asymmetric (integer zero points) is where no calibration-free objective found here follows the
+output: the KL improves but the perplexity does not. On the 30 layers alone at block 128 rtn
+gives 35.14 / 0.394, the refitted search 36.01 / 0.408 with saturation allowed and 35.50 /
+0.387 without (hence ``saturate`` defaults to off for asymmetric), the search without refit
+35.79 / 0.406, ends shrunk independently 35.55 / 0.390; on the head alone rtn gives 31.87 /
+0.143, the vocabulary-energy search 33.40 / 0.130 (with rtn-clip's ratio grid 32.96 / 0.142).
 
 Float zero points: honoured when called with ``spec.float_zero_points`` (asymmetric groups then
 map ``[min, max]`` exactly), but the algorithm is registered without ``float_zero_points`` so
@@ -32,18 +61,60 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import (
-    check_weight,
-    clip_ratios,
-    default_min_ratio,
-    finalize,
-    group_view,
-    minmax_result,
-    out_dtype,
-    search_clip,
+from ._common import check_weight, clip_ratios, default_min_ratio, finalize, group_view, out_dtype
+from ._importance import (
+    HEAD_NOTE,
+    OBJECTIVES,
+    Weights,
+    energy_weighted,
+    looks_like_output_head,
+    objective_weights,
+    vocabulary_energy,
 )
-from ._importance import HEAD_NOTE, OBJECTIVES, looks_like_output_head, objective_weights
 from .base import LayerStats, OptionSpec, QuantizedWeight, QuantSpec, register
+
+
+def _ones(xc: np.ndarray, c0: int, c1: int) -> np.ndarray:
+    return np.ones_like(xc)
+
+
+def search_objective(w: np.ndarray, spec: QuantSpec, objective: str, head_rule: bool) -> tuple[Weights | None, bool]:
+    """``(weights, is_head)``: the error the calibration-free searches minimise for ``w`` (module doc)."""
+    if head_rule and looks_like_output_head(*w.shape):
+        return energy_weighted(vocabulary_energy(w, spec.block_size)), True
+    return objective_weights(objective), False
+
+
+def clip_search(
+    w: np.ndarray,
+    x: np.ndarray,
+    mask: np.ndarray | None,
+    spec: QuantSpec,
+    dtype,
+    *,
+    grid: int = 20,
+    min_ratio: float | None = None,
+    objective: str = "magnitude",
+    saturate: bool | None = None,
+    refine: bool = True,
+    head_rule: bool = True,
+) -> tuple[np.ndarray, np.ndarray, Weights | None, list[str]]:
+    """rtn-clip's parameters for the group view ``x`` of ``w``: ``(scale, zp, weights, notes)``.
+
+    ``weights`` is the objective the search minimised (``None``: plain squared error), so that a
+    caller refining the result (HQQ) judges its iterates by the same error. See the module doc.
+    """
+    from .imatrix import candidate_ratios, weighted_search
+
+    weights, head = search_objective(w, spec, objective, head_rule)
+    if head:
+        scale, zp = weighted_search(x, mask, spec, dtype, weights, candidate_ratios(spec, 12, 0.3), True)
+        return scale, zp, weights, [HEAD_NOTE]
+    ratios = clip_ratios(spec, grid, default_min_ratio(spec) if min_ratio is None else float(min_ratio))
+    if saturate is None:
+        saturate = spec.symmetric
+    scale, zp = weighted_search(x, mask, spec, dtype, weights or _ones, list(ratios), refine, not saturate)
+    return scale, zp, weights, []
 
 
 @register("rtn-clip", options={
@@ -58,31 +129,23 @@ def rtn_clip(
     grid: int = 20,
     min_ratio: float | None = None,
     objective: str = "magnitude",
-    saturate: bool = False,
-    refine: bool = False,
+    saturate: bool | None = None,
+    refine: bool = True,
     head_rule: bool = True,
 ) -> QuantizedWeight:
-    """Round to nearest with the per-group clip ratio minimising the group's weighted error.
+    """Round to nearest with the per-group range minimising the group's weighted error.
 
     ``grid`` steps from ratio 1.0 to ``min_ratio`` (``grid=0``: min/max only; default 0.5
     symmetric, 0.97 asymmetric, see :func:`._common.default_min_ratio`); ``objective``
-    ``"magnitude"`` or ``"mse"``; ``saturate=True`` allows clipping past half a step; ``refine``
-    adds imatrix's weighted least-squares refit of each candidate; ``head_rule=False`` searches
-    output heads too. ``stats`` is ignored.
+    ``"magnitude"`` or ``"mse"``; ``saturate``: whether a candidate may clip a weight past half a
+    step (default: symmetric yes, asymmetric no -- measured, see the module doc); ``refine=False``: no weighted least-squares refit of the candidates; ``head_rule=False``:
+    output heads are searched like any weight. ``stats`` is ignored.
     """
     w = check_weight(w, spec)
-    k = w.shape[0]
-    if head_rule and looks_like_output_head(*w.shape):
-        return minmax_result(w, spec, HEAD_NOTE)
     dtype = out_dtype(w)
     x, mask = group_view(w, spec.block_size)
-    weights = objective_weights(objective)
-    ratios = clip_ratios(spec, grid, default_min_ratio(spec) if min_ratio is None else float(min_ratio))
-    if refine:
-        from .imatrix import weighted_search
-
-        scale, zp = weighted_search(x, mask, spec, dtype, weights or (lambda xc, c0, c1: np.ones_like(xc)),
-                                    list(ratios), True)
-    else:
-        scale, zp = search_clip(x, mask, spec, dtype, ratios, weights=weights, no_saturation=not saturate)
-    return finalize(x, scale, zp, spec, k, dtype)
+    scale, zp, _, notes = clip_search(w, x, mask, spec, dtype, grid=grid, min_ratio=min_ratio, objective=objective,
+                                      saturate=saturate, refine=refine, head_rule=head_rule)
+    result = finalize(x, scale, zp, spec, w.shape[0], dtype)
+    result.notes.extend(notes)
+    return result
