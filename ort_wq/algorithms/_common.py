@@ -197,7 +197,7 @@ def group_error(
             err = np.einsum("...i,...i->...", qw, q)
     else:
         # q: [Nc, kb, bs]; hblocks: [kb, bs, bs] -> e_g^T H_g e_g per (n, g)
-        et = q.transpose(1, 0, 2)
+        et = np.ascontiguousarray(q.transpose(1, 0, 2))  # contiguous: np.matmul runs BLAS per group
         err = np.einsum("gni,gni->ng", np.matmul(et, hblocks), et)
     if no_saturation:
         half = np.abs(scale) * np.float32(0.5 * (1 + 1e-4))

@@ -120,14 +120,32 @@ def awq(
         notes.append(NOT_FOLDABLE_NOTE)
         ws = np.asarray(w, dtype=np.float32)
         hs = None
-    x, mask = group_view(ws, spec.block_size)
+    hb = None
     if clip:
         hb = hessian_blocks(hs, k, spec.block_size) if hs is not None else stats.diagonal_blocks(spec.block_size)
-        scale, zp = search_clip(x, mask, spec, dtype, clip_ratios(spec, clip_grid, min_ratio), hblocks=hb)
-    else:
-        lo, hi = masked_minmax(x, mask)
-        scale, zp = minmax_params(lo, hi, spec, 1.0, dtype)
-    result = finalize(x, scale, zp, spec, k, dtype)
+    # in slabs of output columns: no padded float32 copy of a whole LLM head at once
+    parts = []
+    for c0 in range(0, n, _SLAB_COLUMNS):
+        x, mask = group_view(ws[:, c0 : c0 + _SLAB_COLUMNS], spec.block_size)
+        if clip:
+            scale, zp = search_clip(x, mask, spec, dtype, clip_ratios(spec, clip_grid, min_ratio), hblocks=hb)
+        else:
+            lo, hi = masked_minmax(x, mask)
+            scale, zp = minmax_params(lo, hi, spec, 1.0, dtype)
+        parts.append(finalize(x, scale, zp, spec, k, dtype))
+        del x
+    result = parts[0] if len(parts) == 1 else _concat(parts)
     result.input_scale = s
     result.notes.extend(notes)
     return result
+
+
+_SLAB_COLUMNS = 4096
+
+
+def _concat(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """One result from results for consecutive slabs of output columns."""
+    first = parts[0]
+    zps = None if first.zero_point is None else np.concatenate([p.zero_point for p in parts])
+    return QuantizedWeight(np.concatenate([p.q for p in parts]), np.concatenate([p.scale for p in parts]), zps,
+                           first.bits, first.k, notes=list(first.notes))
