@@ -104,8 +104,15 @@ class QuantReport:
                 lines.append(f"  kept in float: {t.name} ({_mb(t.bytes_before)}): {t.float_kept}")
         notes = list(dict.fromkeys([(t.name, n) for t in self.tensors for n in t.notes]
                                    + [(c.node, n) for c in self.converted for n in c.notes]))
-        for where, note in notes[: 50 if not verbose else None]:
-            lines.append(f"  note: {where}: {note}")
+        if verbose:
+            lines.extend(f"  note: {where}: {note}" for where, note in notes)
+        else:  # a note shared by many tensors (an algorithm's settings) is shown once, counted
+            places: dict[str, list[str]] = {}
+            for where, note in notes:
+                places.setdefault(note, []).append(where)
+            for note, wheres in list(places.items())[:50]:
+                where = wheres[0] if len(wheres) == 1 else f"{len(wheres)} tensors/nodes"
+                lines.append(f"  note: {where}: {note}")
         wb, wa = self.weight_bytes_before, self.weight_bytes_after
         if wb:
             lines.append(f"weights:   {_mb(wb)} -> {_mb(wa)} ({wb / max(wa, 1):.1f}x smaller, float kept included)")

@@ -193,3 +193,13 @@ def test_gptq_group_ranges_follow_the_output_error(lm_outliers, sym):
                                op_types=MATMULS, algorithm_options={"group_objective": objective})
         errors[objective] = _rel_error(model, quantize(model, cfg, calibration=calib), feeds)
     assert errors["output"] < errors["weight"], errors
+
+
+def test_algorithm_notes_reach_the_report_once(lm):
+    model, calib, _ = lm
+    _, report = quantize(model, WeightOnlyConfig(algorithm="gptq", op_types=MATMULS), calibration=calib,
+                         return_report=True)
+    assert all(any(n.startswith("gptq: damp=") for n in t.notes) for t in report.tensors)
+    lines = [ln for ln in report.to_text().splitlines() if "gptq: damp=" in ln]
+    assert len(lines) == 1 and f"{len(report.tensors)} tensors/nodes" in lines[0]
+    assert sum("gptq: damp=" in ln for ln in report.to_text(verbose=True).splitlines()) == len(report.tensors)

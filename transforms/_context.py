@@ -124,6 +124,7 @@ class QuantContext:
         names = {kind: {key: self.unique_name(f"{base}{suffix}") for key, (suffix, _, _) in layout.items()}
                  for kind, layout in layouts.items()}
         what = ref.value.name or "weight"
+        entry_notes = [*target.notes, *notes]  # the algorithm's own notes are added when it is done
 
         def job() -> dict[str, dict[str, ir.TensorProtocol]]:
             # statistics are read here, on the worker: calibration runs the model only as far
@@ -136,6 +137,7 @@ class QuantContext:
             except ValueError as exc:
                 raise ModelInputError(f"weight {what!r} {ref.tensor.shape}: {first_line(exc)}") from None
             del w, stats
+            entry_notes.extend(n for n in result.notes if n not in entry_notes)
             if stats_name is not None and hasattr(self.stats, "release"):
                 self.stats.release(stats_name)
             if not (np.isfinite(np.asarray(result.scale, np.float32)).all() and _finite_zero_points(result)):
@@ -150,7 +152,7 @@ class QuantContext:
             return out
 
         future = self.executor.submit(job)
-        entry = QuantEntry(target, spec, algorithm, future, notes=[*target.notes, *notes])
+        entry = QuantEntry(target, spec, algorithm, future, notes=entry_notes)
         graph = _owner_graph(ref.value)
         for kind, layout in layouts.items():
             entry.values[kind] = {
