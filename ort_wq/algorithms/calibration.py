@@ -21,7 +21,7 @@ import onnx_ir as ir
 from ..config import WeightOnlyConfig
 from ..model_io import ModelInputError
 from ..validate_inputs import check_feeds, input_values, load_npz
-from .base import LayerStats
+from .base import LayerStats, diagonal_statistics
 from .segments import DEFAULT_BUDGET, plan_segments, segment_session
 
 
@@ -109,8 +109,6 @@ class LayerwiseStats(MutableMapping):
 
         found = find_targets(model, config)
         planned = {n: (k, 1) for n, k in found.activations().items()} if every else found.calibrated()
-        from .base import diagonal_statistics
-
         self._diagonal = not every and diagonal_statistics(config.algorithm)
         self._progress = progress
         self._readers = {name: readers for name, (_, readers) in planned.items()}
@@ -173,14 +171,12 @@ class LayerwiseStats(MutableMapping):
                 self._stats.pop(name, None)
 
     # -- running the segments -------------------------------------------------------------------
-    def _bar(self, iterable: Iterable, index: int, total: int | None) -> Iterable:
+    def _bar(self, iterable: Iterable, desc: str, total: int | None) -> Iterable:
         if not self._progress:
             return iterable
         from tqdm import tqdm
 
-        n = len(self._segments)
-        return tqdm(iterable, desc=f"calibrating {index + 1}/{n}" if n > 1 else "calibrating", unit="batch",
-                    total=total, leave=False, dynamic_ncols=True)
+        return tqdm(iterable, desc=desc, unit="batch", total=total, leave=False, dynamic_ncols=True)
 
     def _first_pass(self) -> None:
         """Read every batch once: graph-input activations and the first segment."""
@@ -188,7 +184,7 @@ class LayerwiseStats(MutableMapping):
         for name in self._from_inputs:
             self._stats[name] = LayerStats(self._k[name], diagonal_only=self._diagonal)
         seen = 0
-        for i, batch in enumerate(self._bar(self._batches, 0, self._total)):
+        for i, batch in enumerate(self._bar(self._batches, "reading calibration data", self._total)):
             feeds = check_feeds(batch, self._specs, f"model (calibration batch {i})")
             for name in self._from_inputs:
                 self._stats[name].update(feeds[name])
@@ -198,9 +194,9 @@ class LayerwiseStats(MutableMapping):
             raise ModelInputError("calibration data holds no batch")
         self._done.update(self._from_inputs)
         if self._segments:
-            self._run(0, bar=False)
+            self._run(0)
 
-    def _run(self, s: int, bar: bool = True) -> None:
+    def _run(self, s: int) -> None:
         """Statistics of segment ``s`` and the values later segments read.
 
         Later segments get the float model's values. Feeding them the quantized model's instead
@@ -223,7 +219,8 @@ class LayerwiseStats(MutableMapping):
         acts = set(seg.activations)
         fetch = [n for n in seg.outputs if n in acts or n in later]
         rows = range(len(self._env))
-        for b in self._bar(rows, s, len(self._env)) if bar else rows:
+        desc = f"calibrating {s + 1}/{len(self._segments)}" if len(self._segments) > 1 else "calibrating"
+        for b in self._bar(rows, desc, len(self._env)):
             env = self._env[b]
             outs = sess.run(fetch, {n: env[n] for n in seg.inputs})
             for name, x in zip(fetch, outs):
