@@ -19,12 +19,14 @@ import numpy as np
 import onnx_ir as ir
 
 from ort_wq.algorithms import LayerStats, QuantizedWeight, QuantSpec, _progress, get_algorithm
+from ort_wq.algorithms.base import reads_input_gain
 from ort_wq.config import WeightOnlyConfig
 from ort_wq.model_io import ModelInputError, first_line, release
 from ort_wq.report import ConvertedNode, QuantReport
 
 from . import _emitters
 from ._weights import WeightRef
+from .norms import input_gain
 from .targets import Target, TargetSet, find_targets, with_zero_points
 
 
@@ -111,6 +113,8 @@ class QuantContext:
         fn, _ = get_algorithm(algorithm)
         if algorithm == self.config.algorithm and self.config.algorithm_options:
             fn = functools.partial(fn, **self.config.algorithm_options)
+        if reads_input_gain(algorithm) and activation is not None:
+            fn = functools.partial(fn, input_gain=input_gain(activation, target.ref.k))
         if algorithm == "awq":  # the activation scaling was already folded into the graph (awq_fold)
             fn = functools.partial(fn, allow_input_scale=False)
         if algorithm != target.algorithm:

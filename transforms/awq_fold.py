@@ -31,16 +31,8 @@ from ort_wq.model_io import release
 
 from ._context import QuantContext
 from ._weights import WeightRef, const_tensor, gemm_reason
+from .norms import NORMS, domain_of
 from .targets import Target
-
-_NORMS = {("", "LayerNormalization"): (1, 2), ("", "RMSNormalization"): (1,),
-          ("com.microsoft", "SimplifiedLayerNormalization"): (1,), ("", "SimplifiedLayerNormalization"): (1,),
-          ("com.microsoft", "SkipSimplifiedLayerNormalization"): (2,),
-          ("com.microsoft", "SkipLayerNormalization"): (2, 3)}
-
-
-def _domain(node: ir.Node) -> str:
-    return "" if node.domain in ("", "ai.onnx") else node.domain
 
 
 def _sole_const(value: ir.Value | None, k: int, axis_last: bool = True) -> str:
@@ -61,12 +53,12 @@ def _plan_producer(x: ir.Value, k: int) -> tuple[list[tuple[ir.Node, int, str]],
     node = x.producer()
     if node is None:
         return [], "the activation is a graph input"
-    key = (_domain(node), node.op_type)
-    if key in _NORMS:
+    key = (domain_of(node), node.op_type)
+    if key in NORMS:
         if node.outputs[0] is not x:
             return [], f"{node.op_type} output {x.name!r} is not its normalised output"
         plan = []
-        for idx in _NORMS[key]:
+        for idx in NORMS[key]:
             if idx < len(node.inputs) and node.inputs[idx] is not None:
                 why = _sole_const(node.inputs[idx], k)
                 if why:

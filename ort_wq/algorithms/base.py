@@ -215,8 +215,9 @@ _REGISTRY: dict[str, tuple[Algorithm, bool]] = {}
 _FLOAT_ZERO_POINTS: set[str] = set()
 _COMPENSATING: set[str] = set()
 _DIAGONAL: set[str] = set()
+_INPUT_GAIN: set[str] = set()
 _OPTIONS: dict[str, dict[str, OptionSpec]] = {}
-_INTERNAL_OPTIONS: tuple[str, ...] = ()  # set by the transform only (awq's allow_input_scale is a user option too)
+_INTERNAL_OPTIONS: tuple[str, ...] = ("input_gain",)  # set by the transform only (awq's allow_input_scale is a user option too)
 
 
 def register(
@@ -226,6 +227,7 @@ def register(
     options: dict[str, OptionSpec] | None = None,
     compensates: bool = False,
     statistics: str = "full",
+    input_gain: bool = False,
 ) -> Callable[[Algorithm], Algorithm]:
     """Decorator: register ``fn(w[K, N], spec, stats) -> QuantizedWeight`` under ``name``.
 
@@ -236,6 +238,9 @@ def register(
     outputs rather than each weight: unfit for a table that a Gather also reads as it is.
     ``statistics``: ``"full"`` (``X^T X``) or ``"diagonal"`` (the algorithm reads only
     ``LayerStats.energy`` and ``abs_mean``; calibration then skips ``X^T X``).
+    ``input_gain``: the algorithm takes a keyword ``input_gain`` (float64 ``[K]`` or ``None``):
+    the constant per-channel gain of the normalisation producing the weight's input, found by
+    the transform (``ort_wq.transforms.norms``), a calibration-free hint of the input's energy.
     ``options``: an :class:`OptionSpec` per keyword-only
     parameter users may set, checked by :func:`check_options` before any work starts.
     """
@@ -254,6 +259,8 @@ def register(
             raise TypeError(f"algorithm {name!r}: statistics={statistics!r} is not 'full' or 'diagonal'")
         if statistics == "diagonal":
             _DIAGONAL.add(name)
+        if input_gain:
+            _INPUT_GAIN.add(name)
         return fn
 
     return deco
@@ -288,6 +295,12 @@ def diagonal_statistics(name: str) -> bool:
     """Whether algorithm ``name`` reads only per-channel calibration statistics (no ``X^T X``)."""
     _load_all()
     return name in _DIAGONAL
+
+
+def reads_input_gain(name: str) -> bool:
+    """Whether algorithm ``name`` takes the ``input_gain`` keyword (see :func:`register`)."""
+    _load_all()
+    return name in _INPUT_GAIN
 
 
 def uses_float_zero_points(name: str) -> bool:

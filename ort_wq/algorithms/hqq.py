@@ -138,7 +138,7 @@ def _hqq_chunk(x, mask, spec, dtype, iters, lp_norm, beta, kappa, optimize_scale
     return best_s, best_z
 
 
-@register("hqq", options={
+@register("hqq", input_gain=True, options={
     "iters": OptionSpec(int, min=1), "lp_norm": OptionSpec(float, min=0, min_open=True, max=1),
     "beta": OptionSpec(float, min=0, min_open=True), "kappa": OptionSpec(float, min=1),
     "optimize_scale": OptionSpec(bool), "init": OptionSpec(str, choices=("auto", "minmax", "clip")),
@@ -156,6 +156,7 @@ def hqq(
     init: str = "auto",
     objective: str = "magnitude",
     head_rule: bool = True,
+    input_gain: np.ndarray | None = None,
 ) -> QuantizedWeight:
     """Half-quadratic optimisation of each group's scale / zero point (see the module doc).
 
@@ -163,7 +164,8 @@ def hqq(
     ``"auto"``: clip search when symmetric (only the scale is free there, and the fit started
     from min/max ends worse than the grid) and on output heads, min/max otherwise (measured
     better for asymmetric). The iterates are judged by rtn-clip's objective for the weight
-    (:func:`.rtn_clip.search_objective`: output heads by the vocabulary's channel energy).
+    (:func:`.rtn_clip.search_objective`: an output head by its input norm's gain, ``input_gain``,
+    set by the transform, or else by the vocabulary's channel energy).
 
     Float zero points only when ``spec.float_zero_points`` and not ``spec.symmetric``. ``stats``
     is ignored.
@@ -175,13 +177,14 @@ def hqq(
         raise ValueError(f"init={init!r}: use 'auto', 'minmax' or 'clip'")
     x, mask = group_view(w, spec.block_size)
     notes: list[str] = []
-    weights, head = search_objective(w, spec, objective, head_rule)
+    weights, head = search_objective(w, spec, objective, head_rule, input_gain)
     if init == "auto":
         init = "clip" if spec.symmetric or head else "minmax"
     if init == "minmax":
         start = None
     else:
-        s0, z0, weights, notes = clip_search(w, x, mask, spec, dtype, objective=objective, head_rule=head_rule)
+        s0, z0, weights, notes = clip_search(w, x, mask, spec, dtype, objective=objective, head_rule=head_rule,
+                                             input_gain=input_gain)
         start = (s0, z0)
     n, kb, bs = x.shape
     scale = np.empty((n, kb), dtype=np.float32)
