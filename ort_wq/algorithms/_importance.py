@@ -39,15 +39,25 @@ def magnitude(x: np.ndarray, c0: int = 0, c1: int = 0) -> np.ndarray:
     return y
 
 
-def channel_energy(stats: LayerStats, k: int, bs: int) -> np.ndarray:
-    """``E[x_k^2]`` per input channel as float32 ``[kb, bs]`` (padding 0), normalised to mean 1."""
+def _per_block(e: np.ndarray, k: int, bs: int) -> np.ndarray:
+    """Per-channel energies ``e[:k]`` (float64, zero-padded to ``kb * bs``) as float32 ``[kb, bs]``
+    normalised to mean 1 over the ``k`` channels (all 1 if they sum to 0), padding 0."""
     kb = -(-k // bs)
-    e = np.zeros(kb * bs, dtype=np.float64)
-    if stats.rows:
-        e[:k] = np.maximum(stats.energy, 0.0)
     mean = e[:k].mean() if k else 0.0
     e = e / mean if mean > 0 else np.where(np.arange(kb * bs) < k, 1.0, 0.0)
     return e.astype(np.float32).reshape(kb, bs)
+
+
+def _padded(k: int, bs: int) -> np.ndarray:
+    return np.zeros(-(-k // bs) * bs, dtype=np.float64)
+
+
+def channel_energy(stats: LayerStats, k: int, bs: int) -> np.ndarray:
+    """``E[x_k^2]`` per input channel as float32 ``[kb, bs]`` (padding 0), normalised to mean 1."""
+    e = _padded(k, bs)
+    if stats.rows:
+        e[:k] = np.maximum(stats.energy, 0.0)
+    return _per_block(e, k, bs)
 
 
 def energy_weighted(energy: np.ndarray) -> Weights:
@@ -103,15 +113,12 @@ def vocabulary_energy(w: np.ndarray, bs: int) -> np.ndarray:
     accumulated in float64 a few rows at a time (no float64 copy of the weight).
     """
     k, n = w.shape
-    kb = -(-k // bs)
-    e = np.zeros(kb * bs, dtype=np.float64)
+    e = _padded(k, bs)
     step = max(1, (1 << 20) // max(1, n))
     for r0 in range(0, k, step):
         rows = np.asarray(w[r0 : r0 + step], dtype=np.float64)
         e[r0 : r0 + rows.shape[0]] = np.einsum("kn,kn->k", rows, rows) / max(1, n)
-    mean = e[:k].mean() if k else 0.0
-    e = e / mean if mean > 0 else np.where(np.arange(kb * bs) < k, 1.0, 0.0)
-    return e.astype(np.float32).reshape(kb, bs)
+    return _per_block(e, k, bs)
 
 
 def gain_energy(gain: np.ndarray, k: int, bs: int, power: float = GAIN_POWER, floor: float = 1e-3) -> np.ndarray:
@@ -139,18 +146,15 @@ def gain_energy(gain: np.ndarray, k: int, bs: int, power: float = GAIN_POWER, fl
 
     Normalised to mean 1 over the ``k`` channels, floored at ``floor``, padding 0, ``[kb, bs]``.
     """
-    kb = -(-k // bs)
-    e = np.zeros(kb * bs, dtype=np.float64)
+    e = _padded(k, bs)
     g = np.abs(np.asarray(gain, dtype=np.float64).reshape(k))
     gmax = g.max() if k else 0.0
     if gmax > 0:
-        e[:k] = (g / gmax) ** power
-    mean = e[:k].mean() if k else 0.0
-    if mean > 0:
-        e[:k] = np.maximum(e[:k] / mean, floor)
-    else:
-        e[:k] = 1.0
-    return e.astype(np.float32).reshape(kb, bs)
+        e[:k] = (g / gmax) ** power  # relative to the largest: no overflow
+    out = _per_block(e, k, bs)
+    flat = out.reshape(-1)
+    flat[:k] = np.maximum(flat[:k], np.float32(floor))
+    return out
 
 
 def objective_weights(objective: str) -> Weights | None:
