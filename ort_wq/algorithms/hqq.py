@@ -184,8 +184,7 @@ def hqq(
     if init == "minmax":
         start = None
     else:
-        s0, z0, weights, notes = clip_search(w, x, mask, spec, dtype, objective=objective, head_rule=head_rule,
-                                             input_gain=input_gain)
+        s0, z0, notes = clip_search(x, mask, spec, dtype, weights, head)
         start = (s0, z0)
     n, kb, bs = x.shape
     scale = np.empty((n, kb), dtype=np.float32)

@@ -100,36 +100,34 @@ def search_objective(w: np.ndarray, spec: QuantSpec, objective: str, head_rule: 
 
 
 def clip_search(
-    w: np.ndarray,
     x: np.ndarray,
     mask: np.ndarray | None,
     spec: QuantSpec,
     dtype,
+    weights: Weights | None,
+    head: str | None,
     *,
     grid: int = 20,
     min_ratio: float | None = None,
-    objective: str = "magnitude",
     saturate: bool | None = None,
     refine: bool = True,
-    head_rule: bool = True,
-    input_gain: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, Weights | None, list[str]]:
-    """rtn-clip's parameters for the group view ``x`` of ``w``: ``(scale, zp, weights, notes)``.
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """rtn-clip's parameters for the group view ``x``: ``(scale, zp, notes)``.
 
-    ``weights`` is the objective the search minimised (``None``: plain squared error), so that a
-    caller refining the result (HQQ) judges its iterates by the same error. See the module doc.
+    ``weights, head`` come from :func:`search_objective` (``weights`` ``None``: plain squared
+    error; ``head``: the note of a weight searched as an output head), so that a caller refining
+    the result (HQQ) judges its iterates by the same error. See the module doc.
     """
     from .imatrix import candidate_ratios, weighted_search
 
-    weights, head = search_objective(w, spec, objective, head_rule, input_gain)
     if head:
         scale, zp = weighted_search(x, mask, spec, dtype, weights, candidate_ratios(spec, 12, 0.3), True)
-        return scale, zp, weights, [head]
+        return scale, zp, [head]
     ratios = clip_ratios(spec, grid, default_min_ratio(spec) if min_ratio is None else float(min_ratio))
     if saturate is None:
         saturate = spec.symmetric
     scale, zp = weighted_search(x, mask, spec, dtype, weights or _ones, list(ratios), refine, not saturate)
-    return scale, zp, weights, []
+    return scale, zp, []
 
 
 @register("rtn-clip", input_gain=True, options={
@@ -161,9 +159,9 @@ def rtn_clip(
     w = check_weight(w, spec)
     dtype = out_dtype(w)
     x, mask = group_view(w, spec.block_size)
-    scale, zp, _, notes = clip_search(w, x, mask, spec, dtype, grid=grid, min_ratio=min_ratio, objective=objective,
-                                      saturate=saturate, refine=refine, head_rule=head_rule,
-                                      input_gain=input_gain)
+    weights, head = search_objective(w, spec, objective, head_rule, input_gain)
+    scale, zp, notes = clip_search(x, mask, spec, dtype, weights, head, grid=grid, min_ratio=min_ratio,
+                                   saturate=saturate, refine=refine)
     result = finalize(x, scale, zp, spec, w.shape[0], dtype)
     result.notes.extend(notes)
     return result
