@@ -26,6 +26,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from ort_wq.model_io import as_ir_model, inference_session
+from ort_wq.packing import CONTRIB_OPS
 
 from .gather_block_quantized import evaluate_gather_block_quantized
 from .matmul_fpq4 import evaluate_matmul_fpq4
@@ -37,7 +38,7 @@ __all__ = [
     "inference_session", "reference_session",
 ]  # fmt: skip
 
-QUANTIZED_OPS = ("MatMulNBits", "MatMulFpQ4", "GatherBlockQuantized")
+QUANTIZED_OPS = CONTRIB_OPS  # the ops ort_wq.packing lays out
 _FLOAT = ir.DataType.FLOAT
 
 

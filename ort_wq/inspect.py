@@ -39,7 +39,7 @@ def _quantized_status(node: ir.Node) -> dict:
 
 def inspect_rows(model: ir.Model, config: WeightOnlyConfig | None = None) -> list[dict]:
     """One row per candidate or quantized node: graph, node, op, weight, K, N, status."""
-    from ort_wq.transforms._emitters import CONTRIB_OPS
+    from ort_wq.packing import CONTRIB_OPS
     from ort_wq.transforms.targets import NOT_A_CANDIDATE, find_targets, kind_of
 
     found = find_targets(model, config or WeightOnlyConfig())

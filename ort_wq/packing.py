@@ -23,6 +23,7 @@ import sys
 import numpy as np
 
 __all__ = [
+    "CONTRIB_OPS",
     "NBITS_SUPPORTED_BITS",
     "FPQ4_BLOCK_SIZE",
     "pack_nbits_weight",
@@ -35,6 +36,7 @@ __all__ = [
     "fpq4_record_size",
 ]
 
+CONTRIB_OPS = ("MatMulNBits", "MatMulFpQ4", "GatherBlockQuantized")  # the com.microsoft ops written and read here
 NBITS_SUPPORTED_BITS = (2, 4, 8)
 FPQ4_BLOCK_SIZE = 32
 

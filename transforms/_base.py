@@ -44,12 +44,12 @@ class WeightOnlyRule(RewriteRuleClassBase):
         self._consumer, self._target = consumer, target
         return result
 
-    def named(self, output: ir.Value, bits: int, main: ir.Value | None = None) -> ir.Value:
+    def named(self, output: ir.Value, main: ir.Value | None = None) -> ir.Value:
         """Name the new nodes behind ``output`` after the node they replace, as onnxruntime's quantizer
         does: ``<name>_Q4`` for the node computing ``main`` (default ``output``), ``<name>_Q4/<op>``
         for the others."""
         node = self._consumer.node if self._consumer is not None else None
-        base = f"{(node.name if node is not None else '') or 'weight_only'}_Q{bits}"
+        base = f"{(node.name if node is not None else '') or 'weight_only'}_Q{self._target.spec.bits}"
         root = (main if main is not None else output).producer()
         todo = [output.producer()]
         while todo:
@@ -71,10 +71,14 @@ class WeightOnlyRule(RewriteRuleClassBase):
         return emitter, entry.values[storage], entry
 
     def emit_matmul(self, op, x, bias=None, add=None):
-        """``x @ W (+ bias)`` in the configured format (``+ add`` as its own node), named after the replaced node."""
+        """``x @ W (+ bias)`` in the configured format (``+ add`` as its own node), named after the
+        replaced node. ``bias``: a constant of ``N`` values (reshaped to ``[N]`` unless it is), only
+        for an emitter that ``SUPPORTS_BIAS`` (the rules check)."""
         emitter, values, entry = self.emitted()
         ref, level = entry.ref, self.ctx.config.accuracy_level
-        if bias is not None and not emitter.SUPPORTS_BIAS:
-            bias, add = None, bias
+        if bias is not None:
+            shape = [int(d) for d in bias.shape] if bias.shape is not None else None
+            if shape != [ref.n]:
+                bias = op.Reshape(bias, op.Constant(value_ints=[ref.n]))
         y = emitter.emit(op, x, values, entry.spec, ref.k, ref.n, bias, level)
-        return self.named(y if add is None else op.Add(y, add), entry.spec.bits, main=y)
+        return self.named(y if add is None else op.Add(y, add), main=y)

@@ -20,8 +20,6 @@ from types import ModuleType
 from typing import Any
 
 FORMATS = ("nbits", "fpq4", "qdq")
-# the com.microsoft ops that emit_nbits, emit_fpq4 and emit_gather write (their OP_TYPEs)
-CONTRIB_OPS = ("MatMulNBits", "MatMulFpQ4", "GatherBlockQuantized")
 
 
 def _modules() -> dict[str, ModuleType]:

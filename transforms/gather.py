@@ -18,4 +18,4 @@ class GatherWeightOnly(WeightOnlyRule):
 
     def rewrite(self, op, table, ids, **_):
         emitter, values, entry = self.emitted()
-        return self.named(emitter.emit_gather(op, ids, values, entry.spec, entry.ref.k, entry.ref.n), entry.spec.bits)
+        return self.named(emitter.emit_gather(op, ids, values, entry.spec, entry.ref.k, entry.ref.n))

@@ -21,6 +21,5 @@ class GemmWeightOnly(WeightOnlyRule):
         if c is None:
             return self.emit_matmul(op, a)
         if self.ctx.emitter_for_matmul().SUPPORTS_BIAS and bias_vector(c, n) is not None:
-            shape = [int(d) for d in c.shape] if c.shape is not None else None
-            return self.emit_matmul(op, a, c if shape == [n] else op.Reshape(c, op.Constant(value_ints=[n])))
+            return self.emit_matmul(op, a, c)
         return self.emit_matmul(op, a, add=c)

@@ -33,7 +33,4 @@ class MatMulAddWeightOnly(WeightOnlyRule):
         return ""
 
     def rewrite(self, op, x, w, b, **_):
-        n = self._consumer.ref.n
-        shape = [int(d) for d in b.shape] if b.shape is not None else None
-        bias = b if shape == [n] else op.Reshape(b, op.Constant(value_ints=[n]))
-        return self.emit_matmul(op, x, bias)
+        return self.emit_matmul(op, x, b)

@@ -15,10 +15,10 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
 
 from ort_wq.algorithms import LayerStats
 from ort_wq.config import WeightOnlyConfig
+from ort_wq.packing import CONTRIB_OPS
 from ort_wq.report import QuantizedTensor, QuantReport, SkippedNode, initializer_bytes, initializer_bytes_by_reader
 
 from ._context import QuantContext, QuantEntry
-from ._emitters import CONTRIB_OPS
 from .opset import ensure_opset
 from .rule_set import rules
 
