@@ -56,7 +56,7 @@ def _add_quantize(sub) -> None:
         description="Replace every MatMul/Gemm/FusedMatMul whose weight is a constant with a weight-only quantized "
         "node (com.microsoft MatMulNBits by default) and every Gather of a constant table with "
         "com.microsoft GatherBlockQuantized; each tensor is quantized once, whatever reads it. The input is never modified; OUTPUT appears only if the whole "
-        "job succeeds (external data is written as OUTPUT.<id>.data when the input had it or the result is over 2 GB).",
+        "job succeeds (external data, when the input had it or the result is over 2 GB, goes to OUTPUT.data, or to OUTPUT_data when that name is taken; never to the file the current OUTPUT reads).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("input", metavar="INPUT", help="ONNX model to quantize, or a model folder (one .onnx plus "
