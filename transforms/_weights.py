@@ -32,6 +32,11 @@ class WeightRef:
         return arr.T if self.transpose else arr
 
 
+def domain_of(node: ir.Node) -> str:
+    """The node's domain, ``""`` for the default one (also spelled ``"ai.onnx"``)."""
+    return "" if node.domain in ("", "ai.onnx") else node.domain
+
+
 def const_tensor(value: ir.Value | None) -> tuple[ir.TensorProtocol | None, str]:
     """The constant tensor behind ``value`` (initializer or Constant node), or ``(None, reason)``."""
     if value is None:

@@ -30,8 +30,8 @@ from ort_wq.config import WeightOnlyConfig
 from ort_wq.model_io import release
 
 from ._context import QuantContext
-from ._weights import WeightRef, const_tensor, gemm_reason
-from .norms import NORMS, domain_of
+from ._weights import WeightRef, const_tensor, domain_of, gemm_reason
+from .norms import channel_inputs, shape_reason
 from .targets import Target
 
 
@@ -42,34 +42,26 @@ def _sole_const(value: ir.Value | None, k: int, axis_last: bool = True) -> str:
         return reason
     if len(list(value.uses())) != 1:
         return f"constant {value.name!r} is shared"
-    dims = [int(d) for d in tensor.shape]
-    if axis_last and (not dims or dims[-1] != k or any(d != 1 for d in dims[:-1])):
-        return f"constant {value.name!r} has shape {dims}, not [{k}]"
-    return ""
+    return shape_reason(value, tensor, k) if axis_last else ""
 
 
 def _plan_producer(x: ir.Value, k: int) -> tuple[list[tuple[ir.Node, int, str]], str]:
     """How to fold ``1/s`` into the producer of ``x``: ``[(node, input index, how)]`` or a reason."""
-    node = x.producer()
-    if node is None:
-        return [], "the activation is a graph input"
-    key = (domain_of(node), node.op_type)
-    if key in NORMS:
-        if node.outputs[0] is not x:
-            return [], f"{node.op_type} output {x.name!r} is not its normalised output"
-        plan = []
-        for idx in NORMS[key]:
-            if idx < len(node.inputs) and node.inputs[idx] is not None:
-                why = _sole_const(node.inputs[idx], k)
-                if why:
-                    return [], why
-                plan.append((node, idx, "vector"))
-        return plan, ""
-    if key == ("", "Mul"):
-        for idx in (1, 0):
+    node, inputs, every, reason = channel_inputs(x)
+    if reason:
+        return [], reason
+    if every:  # a norm: each per-channel constant is scaled
+        for idx in inputs:
+            why = _sole_const(node.inputs[idx], k)
+            if why:
+                return [], why
+        return [(node, idx, "vector") for idx in inputs], ""
+    if inputs:  # a Mul: either operand
+        for idx in inputs:
             if not _sole_const(node.inputs[idx], k):
                 return [(node, idx, "vector")], ""
         return [], "Mul has no constant per-channel operand"
+    key = (domain_of(node), node.op_type)
     if key == ("", "Add"):
         for idx in (1, 0):
             mm_val, b = node.inputs[1 - idx], node.inputs[idx]

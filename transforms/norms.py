@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ._weights import const_tensor
+from ._weights import const_tensor, domain_of
 
 # (domain, op) -> the inputs holding per-channel constants; the first one is the gain
 NORMS: dict[tuple[str, str], tuple[int, ...]] = {
@@ -31,18 +31,32 @@ NORMS: dict[tuple[str, str], tuple[int, ...]] = {
 }
 
 
-def domain_of(node: ir.Node) -> str:
-    return "" if node.domain in ("", "ai.onnx") else node.domain
-
-
-def _vector(value: ir.Value | None, k: int) -> np.ndarray | None:
-    tensor, _ = const_tensor(value)
-    if tensor is None:
-        return None
+def shape_reason(value: ir.Value, tensor: ir.TensorProtocol, k: int) -> str:
+    """'' when the constant ``tensor`` behind ``value`` is ``k`` values along the last axis (any
+    leading axes of 1), else why not."""
     dims = [int(d) for d in tensor.shape]
     if not dims or dims[-1] != k or any(d != 1 for d in dims[:-1]):
-        return None
-    return np.asarray(tensor.numpy(), dtype=np.float64).reshape(k)
+        return f"constant {value.name!r} has shape {dims}, not [{k}]"
+    return ""
+
+
+def channel_inputs(x: ir.Value) -> tuple[ir.Node | None, tuple[int, ...], bool, str]:
+    """``(producer, inputs, every, reason)``: the inputs of ``x``'s producer that may hold the
+    per-channel constants it applies last. A matched norm: its present ``NORMS`` inputs, all of
+    them (``every``), only through output 0; a ``Mul``: operand 1 or 0, the first that is one.
+    Any other producer: no inputs and no reason (other readers may know it)."""
+    node = x.producer()
+    if node is None:
+        return None, (), False, "the activation is a graph input"
+    key = (domain_of(node), node.op_type)
+    if key in NORMS:
+        if node.outputs[0] is not x:
+            return node, (), True, f"{node.op_type} output {x.name!r} is not its normalised output"
+        present = tuple(i for i in NORMS[key] if i < len(node.inputs) and node.inputs[i] is not None)
+        return node, present, True, ""
+    if key == ("", "Mul"):
+        return node, (1, 0), False, ""
+    return node, (), False, ""
 
 
 def input_gain(x: ir.Value | None, k: int) -> np.ndarray | None:
@@ -52,17 +66,12 @@ def input_gain(x: ir.Value | None, k: int) -> np.ndarray | None:
     ``k`` values; anything else (a graph input, an attention output, a gain that is computed)
     gives ``None``.
     """
-    node = x.producer() if x is not None else None
-    if node is None:
+    if x is None:
         return None
-    key = (domain_of(node), node.op_type)
-    if key in NORMS:
-        idx = NORMS[key][0]
-        if node.outputs[0] is not x or idx >= len(node.inputs):
-            return None
-        g = _vector(node.inputs[idx], k)
-    elif key == ("", "Mul"):
-        g = next((v for v in (_vector(node.inputs[i], k) for i in (1, 0)) if v is not None), None)
-    else:
-        return None
-    return None if g is None or not np.isfinite(g).all() else np.abs(g)
+    node, inputs, every, _ = channel_inputs(x)
+    for idx in inputs[:1] if every else inputs:  # a norm's gain is its first per-channel input
+        tensor, _ = const_tensor(node.inputs[idx])
+        if tensor is not None and not shape_reason(node.inputs[idx], tensor, k):
+            g = np.asarray(tensor.numpy(), dtype=np.float64).reshape(k)
+            return np.abs(g) if np.isfinite(g).all() else None
+    return None

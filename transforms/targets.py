@@ -24,7 +24,7 @@ from ort_wq.algorithms import QuantSpec
 from ort_wq.config import OP_TYPES, WeightOnlyConfig
 from ort_wq.report import SkippedNode
 
-from ._weights import WeightRef, const_tensor, gemm_reason, transposed_source, weight_ref
+from ._weights import WeightRef, const_tensor, domain_of, gemm_reason, transposed_source, weight_ref
 
 
 def _attr(node: ir.Node, name: str, default):
@@ -75,8 +75,7 @@ NOT_A_CANDIDATE = "not a weight consumer"  # lookup()'s reason for nodes the tab
 
 
 def kind_of(node: ir.Node) -> OpKind | None:
-    domain = "" if node.domain in ("", "ai.onnx") else node.domain
-    return OPS.get((domain, node.op_type))
+    return OPS.get((domain_of(node), node.op_type))
 
 
 @dataclass
@@ -111,10 +110,16 @@ class Target:
         return [n for n in dict.fromkeys(out) if n]
 
     @property
+    def stats_consumer(self) -> Consumer | None:
+        """The consumer whose input's calibration statistics the tensor's algorithm reads (the first
+        that has an activation input)."""
+        return next((c for c in self.consumers if c.activation is not None), None)
+
+    @property
     def activation(self) -> ir.Value | None:
-        """The activation whose calibration statistics the tensor's algorithm reads (its first
-        consumer's that has one)."""
-        return next((c.activation for c in self.consumers if c.activation is not None), None)
+        """The activation whose calibration statistics the tensor's algorithm reads."""
+        c = self.stats_consumer
+        return c.activation if c is not None else None
 
     @property
     def gathered(self) -> bool:
@@ -159,8 +164,8 @@ class TargetSet:
 
         out: dict[str, tuple[int, int]] = {}
         for t in self.targets:
-            c = next((c for c in t.consumers if c.activation is not None), None)
-            x = c.activation if c is not None else None
+            c = t.stats_consumer
+            x = t.activation
             if x is None or not x.name or c.node.graph is not self.main:
                 continue
             if get_algorithm(t.algorithm)[1]:
