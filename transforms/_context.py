@@ -128,9 +128,9 @@ class QuantContext:
         names = {kind: {key: self.unique_name(f"{base}{suffix}") for key, (suffix, _, _) in layout.items()}
                  for kind, layout in layouts.items()}
         what = ref.value.name or "weight"
-        entry_notes = [*target.notes, *notes]  # the algorithm's own notes are added when it is done
+        entry_notes = [*target.notes, *notes]  # the algorithm's own are added by materialize()
 
-        def job() -> dict[str, dict[str, ir.TensorProtocol]]:
+        def job() -> tuple[dict[str, dict[str, ir.TensorProtocol]], list[str]]:
             # statistics are read here, on the worker: calibration runs the model only as far
             # as the weights being quantized, and frees each activation's statistics after use
             stats = self.stats[stats_name] if stats_name is not None else None
@@ -141,7 +141,6 @@ class QuantContext:
             except ValueError as exc:
                 raise ModelInputError(f"weight {what!r} {ref.tensor.shape}: {first_line(exc)}") from None
             del w, stats
-            entry_notes.extend(n for n in result.notes if n not in entry_notes)
             if stats_name is not None and hasattr(self.stats, "release"):
                 self.stats.release(stats_name)
             if not (np.isfinite(np.asarray(result.scale, np.float32)).all() and _finite_zero_points(result)):
@@ -153,7 +152,7 @@ class QuantContext:
             for kind, (storage, opts) in packers.items():
                 arrays = storage.pack(result, ref.k, ref.n, spec, dtype, **opts)
                 out[kind] = {key: self._store(names[kind][key], arr) for key, arr in arrays.items()}
-            return out
+            return out, list(result.notes)
 
         future = self.executor.submit(job)
         entry = QuantEntry(target, spec, algorithm, future, notes=entry_notes)
@@ -208,7 +207,7 @@ class QuantContext:
             for fut in as_completed(pending):
                 entry = pending.pop(fut)
                 try:
-                    tensors = fut.result()
+                    tensors, notes = fut.result()
                 except ModelInputError:
                     raise  # already names the weight and what to do
                 except Exception as exc:
@@ -216,6 +215,7 @@ class QuantContext:
                 for kind, values in entry.values.items():
                     for key_name, value in values.items():
                         value.const_value = tensors[kind][key_name]
+                entry.notes.extend(n for n in notes if n not in entry.notes)  # on this thread: the report is deterministic
                 del tensors, fut
                 if bar is not None:
                     done_bytes += entry.ref.tensor.nbytes
@@ -251,7 +251,7 @@ def _lazy_initializer(graph: ir.Graph | None, name: str, future: Future, kind: s
     shape = ir.Shape(shape)
 
     def load() -> ir.TensorProtocol:
-        return future.result()[kind][key]
+        return future.result()[0][kind][key]  # (tensors by kind, notes)
 
     tensor = ir.LazyTensor(load, dtype=dtype, shape=shape, name=name)
     value = ir.Value(name=name, shape=shape, type=ir.TensorType(dtype), const_value=tensor)
