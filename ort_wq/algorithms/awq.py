@@ -114,7 +114,7 @@ def awq(
         s, alpha, err, err0 = search_input_scale(w, h, stats.abs_mean, spec, dtype, grid, max_search_columns)
         notes.append(f"awq: alpha={alpha:.2f}, search error {err:.4g} vs {err0:.4g} unscaled")
         ws = np.asarray(w, dtype=np.float32) * s[:, None]
-        hs = h / np.outer(s, s).astype(np.float64)
+        hs = h / np.outer(s, s).astype(np.float64) if clip else None  # the fold does its own (clip=False)
     else:
         s = None
         notes.append(NOT_FOLDABLE_NOTE)
