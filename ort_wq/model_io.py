@@ -152,17 +152,26 @@ def _check_inline_data(tensor: onnx.TensorProto, size: int | None, where: str) -
                               f"holds {numel}; the model is inconsistent, re-export it")
 
 
-def _check_unique_initializers(graph: onnx.GraphProto, where: str) -> None:
-    seen: set[str] = set()
-    for init in graph.initializer:
-        if init.name in seen:
-            raise ModelInputError(f"{where}: initializer {init.name!r} is defined twice in graph {graph.name!r}; "
-                                  "onnxruntime would use one copy and ort-wq another: remove the duplicate")
-        seen.add(init.name)
+def proto_graphs(graph: onnx.GraphProto):
+    """``graph`` and every graph nested in its nodes' attributes (If/Loop/Scan bodies), depth first."""
+    yield graph
     for node in graph.node:
         for attr in node.attribute:
-            for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                _check_unique_initializers(g, where)
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from proto_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from proto_graphs(g)
+
+
+def _check_unique_initializers(graph: onnx.GraphProto, where: str) -> None:
+    for g in proto_graphs(graph):
+        seen: set[str] = set()
+        for init in g.initializer:
+            if init.name in seen:
+                raise ModelInputError(f"{where}: initializer {init.name!r} is defined twice in graph {g.name!r}; "
+                                      "onnxruntime would use one copy and ort-wq another: remove the duplicate")
+            seen.add(init.name)
 
 
 def _all_tensors(graph: onnx.GraphProto):

@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from .model_io import _all_tensors
+from .model_io import _all_tensors, proto_graphs
 
 __all__ = ["serialize", "relocate", "locations"]
 
@@ -20,20 +20,12 @@ def serialize(model: ir.Model) -> onnx.ModelProto:
     type and shape, so these are dropped (those carrying a doc string or metadata are kept).
     """
     proto = ir.serde.serialize_model(model)
-    todo = [proto.graph]
-    while todo:
-        graph = todo.pop()
+    for graph in proto_graphs(proto.graph):
         inits = {t.name for t in graph.initializer}
         keep = [v for v in graph.value_info if v.name not in inits or v.doc_string or v.metadata_props]
         if len(keep) != len(graph.value_info):
             del graph.value_info[:]
             graph.value_info.extend(keep)
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    todo.append(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    todo.extend(attr.graphs)
     return proto
 
 
