@@ -217,7 +217,7 @@ class LayerwiseStats(MutableMapping):
         for name in seg.activations:
             self._stats[name] = LayerStats(self._k[name], diagonal_only=self._diagonal)
         acts = set(seg.activations)
-        fetch = [n for n in seg.outputs if n in acts or n in later]
+        fetch = seg.outputs  # its activations and what later segments read (plan_segments)
         rows = range(len(self._env))
         desc = f"calibrating {s + 1}/{len(self._segments)}" if len(self._segments) > 1 else "calibrating"
         for b in self._bar(rows, desc, len(self._env)):
