@@ -54,6 +54,28 @@ def test_segments_give_the_statistics_of_one_session():
         assert stats[n].rows == 3 * 2 * 16
 
 
+@pytest.mark.parametrize("budget", [1, 1 << 40], ids=["many segments", "one segment"])
+def test_external_data_in_two_folders(tmp_path, budget):
+    """Weights stored in two folders (a segment then cannot name one data folder): the same statistics."""
+    model, batches = _lm(2)
+    ir_model = ir.serde.deserialize_model(model)
+    for i, (name, value) in enumerate(sorted(ir_model.graph.initializers.items())):
+        array = value.const_value.numpy()
+        if array.size < 64:
+            continue
+        folder = tmp_path / ("a" if i % 2 else "b")
+        folder.mkdir(exist_ok=True)
+        (folder / f"{i}.bin").write_bytes(np.ascontiguousarray(array).tobytes())
+        value.const_value = ir.ExternalTensor(f"{i}.bin", 0, array.nbytes, value.const_value.dtype,
+                                              shape=ir.Shape(array.shape), name=name, base_dir=str(folder))
+    stats = LayerwiseStats(ir_model, batches, GPTQ, budget=budget)
+    names = list(stats)
+    want = _whole_model_xtx(model, batches, names)
+    for n in names:
+        np.testing.assert_allclose(stats[n].xtx.astype(np.float64), want[n], rtol=2e-4,
+                                   atol=2e-4 * np.abs(want[n]).max(), err_msg=n)
+
+
 def test_kv_cache_decoder_segments_match():
     model = tiny_decoder(layers=2)
     ir_model = ir.serde.deserialize_model(model)

@@ -139,27 +139,39 @@ def segment_session(plan: Plan, seg: Segment, types: dict[str, Any], sess_option
 
     ``types``: an array per input name, which gives the input's element type (shapes are left
     open). Only this segment's initializers are serialised; external ones stay file references.
+    Where that cannot be (external data in several folders, over 2 GB in memory), the segment
+    goes through :func:`ort_wq.model_io.inference_session`, which saves it to a temporary folder.
     """
     import onnx
     import onnxruntime as ort
 
-    g = onnx.GraphProto(name=f"{plan.name}_segment")
+    from ort_wq.model_io import PROTO_LIMIT, inference_session
+
+    proto = onnx.ModelProto(ir_version=plan.ir_version, producer_name="ort-wq calibration")
+    g = proto.graph
+    g.name = f"{plan.name}_segment"
     g.node.extend(seg.nodes)
-    folders = set()
-    for tensor in seg.initializers.values():
-        if isinstance(tensor, ir.ExternalTensor):
-            folders.add(os.path.abspath(tensor.base_dir))
-        g.initializer.append(ir.serde.serialize_tensor(tensor))
     for name in seg.inputs:
         elem = onnx.helper.np_dtype_to_tensor_dtype(np.asarray(types[name]).dtype)
         g.input.append(onnx.helper.make_tensor_value_info(name, elem, None))
     g.output.extend(onnx.ValueInfoProto(name=n) for n in seg.outputs)
-    proto = onnx.ModelProto(ir_version=plan.ir_version, graph=g, producer_name="ort-wq calibration")
     for domain, version in plan.opsets.items():
         proto.opset_import.append(onnx.helper.make_opsetid(domain, version))
     proto.functions.extend(plan.functions)
-    if len(folders) > 1:
-        raise ValueError("the segment's external data lives in several folders")
+    tensors = seg.initializers
+    folders = {os.path.abspath(t.base_dir) for t in tensors.values() if isinstance(t, ir.ExternalTensor)}
+    in_memory = sum(t.nbytes for t in tensors.values() if not isinstance(t, ir.ExternalTensor))
+    if len(folders) > 1 or in_memory >= PROTO_LIMIT:
+        for name, tensor in tensors.items():  # graph inputs first, made initializers in the IR
+            g.input.append(onnx.helper.make_tensor_value_info(name, int(tensor.dtype), None))
+        model = ir.serde.deserialize_model(proto)
+        del proto, g
+        for value in [v for v in model.graph.inputs if v.name in tensors]:
+            model.graph.inputs.remove(value)
+            value.const_value = tensors[value.name]
+            model.graph.register_initializer(value)
+        return inference_session(model, sess_options)
+    g.initializer.extend(ir.serde.serialize_tensor(t) for t in tensors.values())
     if folders:
         sess_options.add_session_config_entry("session.model_external_initializers_file_folder_path", folders.pop())
     data = proto.SerializeToString()
