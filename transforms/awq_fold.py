@@ -125,11 +125,7 @@ def _replace_const(node: ir.Node, idx: int, how: str, s: np.ndarray, inverse: bo
 def _for_clip_search(layer: LayerStats, x: ir.Value, ctx: QuantContext) -> LayerStats:
     """What each weight's clip search still reads after the fold: the diagonal blocks of ``H``
     (when all the activation's weights share one block size), not the whole ``K x K``."""
-    sizes = set()
-    for use in x.uses():
-        _, target, _ = ctx.targets.lookup(use.node)
-        if target is not None:
-            sizes.add(target.spec.block_size)
+    sizes = {t.spec.block_size for t in ctx.targets.targets if t.activation is x}  # the readers (TargetSet.calibrated)
     return layer.compact(sizes.pop()) if len(sizes) == 1 else layer
 
 
