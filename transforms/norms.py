@@ -2,8 +2,8 @@
 
 Two readers ask this module about the node producing a MatMul's activation ``x``:
 
-- AWQ's fold (:mod:`.awq_fold`) divides ``x`` by a per-channel scale by rewriting the norm's
-  per-channel constants (``NORMS``: which inputs those are);
+- AWQ's fold (:mod:`.awq_fold`) divides ``x`` by a per-channel scale by rewriting the
+  per-channel constants :func:`channel_inputs` names (``NORMS``: which inputs of a norm);
 - the calibration-free searches (rtn-clip, hqq) read the norm's gain ``g`` (:func:`input_gain`):
   ``x_k = g_k * xhat_k``, so ``E[x_k^2] = g_k^2 E[xhat_k^2]`` and the gain is the one piece of the
   input's channel energy that the weights alone reveal.
