@@ -323,6 +323,42 @@ def search_clip(
     return scale, zp
 
 
+def keep_unless_worse(
+    x: np.ndarray,
+    mask: np.ndarray | None,
+    spec: QuantSpec,
+    dtype,
+    scale: np.ndarray,
+    zp: np.ndarray,
+    guards: tuple[Callable[[np.ndarray, int, int], np.ndarray], ...],
+) -> float:
+    """Per group, put rtn's min/max parameters back (in place) where ``(scale, zp)`` reconstruct
+    worse than them under any of ``guards`` (importance builders, as ``search_clip``'s
+    ``weights``); returns the share of groups that kept theirs (1.0 with no guards)."""
+    if not guards:
+        return 1.0
+    maxq = maxq_of(spec.bits)
+    n, kb, bs = x.shape
+    kept = np.zeros((n, kb), dtype=bool)
+
+    def one(c0: int, c1: int) -> None:
+        xc = x[c0:c1]
+        lo, hi = masked_minmax(xc, mask)
+        norm = group_norm(lo, hi)
+        s0, z0 = minmax_params(lo, hi, spec, 1.0, dtype)
+        s, z = scale[c0:c1], zp[c0:c1]
+        ok = np.ones(s.shape, dtype=bool)
+        for guard in guards:
+            wc = guard(xc, c0, c1)
+            ok &= group_error(xc, s, z, maxq, mask, None, wc, norm) <= group_error(xc, s0, z0, maxq, mask, None, wc, norm)
+        scale[c0:c1] = np.where(ok, s, s0)
+        zp[c0:c1] = np.where(ok, z, z0)
+        kept[c0:c1] = ok
+
+    run_chunks(one, n, kb * bs)
+    return float(kept.mean()) if kept.size else 1.0
+
+
 def hessian_blocks(h: np.ndarray, k: int, bs: int) -> np.ndarray:
     """Diagonal ``bs x bs`` blocks of ``H[K, K]`` as float32 ``[kb, bs, bs]`` (padding zero)."""
     kb = -(-k // bs)

@@ -69,7 +69,7 @@ from ._common import (
 )
 from ._importance import OBJECTIVES
 from .base import LayerStats, OptionSpec, QuantizedWeight, QuantSpec, register
-from .rtn_clip import clip_search, search_objective
+from .rtn_clip import clip_search, guard, search_objective
 
 
 def _shrink_lp(d: np.ndarray, beta: float, p: float) -> np.ndarray:
@@ -178,13 +178,14 @@ def hqq(
         raise ValueError(f"init={init!r}: use 'auto', 'minmax' or 'clip'")
     x, mask = group_view(w, spec.block_size)
     notes: list[str] = []
-    weights, head = search_objective(w, spec, objective, head_rule, input_gain)
+    goal = search_objective(w, spec, objective, head_rule, input_gain)
+    weights = goal.weights
     if init == "auto":
-        init = "clip" if spec.symmetric or head else "minmax"
+        init = "clip" if spec.symmetric or goal.note else "minmax"
     if init == "minmax":
         start = None
     else:
-        s0, z0, notes = clip_search(x, mask, spec, dtype, weights, head)
+        s0, z0, notes = clip_search(x, mask, spec, dtype, goal)
         start = (s0, z0)
     n, kb, bs = x.shape
     scale = np.empty((n, kb), dtype=np.float32)
@@ -197,6 +198,8 @@ def hqq(
         )
 
     run_chunks(one, n, kb * bs)
+    if goal.guards:  # the iterates may leave what the start's guards allowed
+        notes = [goal.note, *guard(x, mask, spec, dtype, scale, zp, goal)]
     result = finalize(x, scale, zp, spec, k, dtype)
     result.notes.extend(notes)
     return result

@@ -66,7 +66,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import check_weight, clip_ratios, default_min_ratio, finalize, group_view, out_dtype
+from dataclasses import dataclass
+
+from ._common import (
+    check_weight,
+    clip_ratios,
+    default_min_ratio,
+    finalize,
+    group_view,
+    keep_unless_worse,
+    out_dtype,
+)
 from ._importance import (
     GAIN_NOTE,
     HEAD_NOTE,
@@ -85,18 +95,42 @@ def _ones(xc: np.ndarray, c0: int, c1: int) -> np.ndarray:
     return np.ones_like(xc)
 
 
+@dataclass(frozen=True)
+class Objective:
+    """What a calibration-free search minimises for one weight (:func:`search_objective`).
+
+    ``weights``: the per-element importance (``None``: plain squared error); ``note``: set when
+    the weight is searched as an output head; ``guards``: importances under each of which a group
+    must reconstruct at least as well as rtn's range, or gets rtn's range back.
+    """
+
+    weights: Weights | None
+    note: str | None = None
+    guards: tuple[Weights, ...] = ()
+
+
 def search_objective(w: np.ndarray, spec: QuantSpec, objective: str, head_rule: bool,
-                     input_gain: np.ndarray | None = None) -> tuple[Weights | None, str | None]:
-    """``(weights, head note)``: the error the calibration-free searches minimise for ``w`` (module
-    doc); the note is ``None`` unless ``w`` is searched as an output head."""
+                     input_gain: np.ndarray | None = None) -> Objective:
+    """The error the calibration-free searches minimise for ``w`` (module doc)."""
     if head_rule and looks_like_output_head(*w.shape):
         energy = vocabulary_energy(w, spec.block_size)
         if input_gain is None or np.asarray(input_gain).size != w.shape[0]:
-            return energy_weighted(energy), HEAD_NOTE
-        energy += gain_energy(input_gain, w.shape[0], spec.block_size)  # either proxy may mark a channel
-        energy *= np.float32(0.5)
-        return energy_weighted(energy), GAIN_NOTE
-    return objective_weights(objective), None
+            return Objective(energy_weighted(energy), HEAD_NOTE)
+        gain = gain_energy(input_gain, w.shape[0], spec.block_size)
+        both = (energy + gain) * np.float32(0.5)  # either proxy may mark a channel
+        return Objective(energy_weighted(both), GAIN_NOTE, (energy_weighted(energy), energy_weighted(gain)))
+    return Objective(objective_weights(objective))
+
+
+def guard(x: np.ndarray, mask: np.ndarray | None, spec: QuantSpec, dtype, scale: np.ndarray, zp: np.ndarray,
+          objective: Objective) -> list[str]:
+    """Apply ``objective.guards`` to a search's ``(scale, zp)`` in place; the note saying how many
+    groups kept the searched range (none without guards)."""
+    if not objective.guards:
+        return []
+    kept = keep_unless_worse(x, mask, spec, dtype, scale, zp, objective.guards)
+    return [f"output head: {kept:.0%} of the groups keep the searched range (better than rtn's under each "
+            "proxy), the rest keep rtn's"]
 
 
 def clip_search(
@@ -104,8 +138,7 @@ def clip_search(
     mask: np.ndarray | None,
     spec: QuantSpec,
     dtype,
-    weights: Weights | None,
-    head: str | None,
+    objective: Objective,
     *,
     grid: int = 20,
     min_ratio: float | None = None,
@@ -114,19 +147,18 @@ def clip_search(
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """rtn-clip's parameters for the group view ``x``: ``(scale, zp, notes)``.
 
-    ``weights, head`` come from :func:`search_objective` (``weights`` ``None``: plain squared
-    error; ``head``: the note of a weight searched as an output head), so that a caller refining
-    the result (HQQ) judges its iterates by the same error. See the module doc.
+    ``objective`` comes from :func:`search_objective`, so that a caller refining the result (HQQ)
+    judges its iterates by the same error. See the module doc.
     """
     from .imatrix import candidate_ratios, weighted_search
 
-    if head:
-        scale, zp = weighted_search(x, mask, spec, dtype, weights, candidate_ratios(spec, 12, 0.3), True)
-        return scale, zp, [head]
+    if objective.note:
+        scale, zp = weighted_search(x, mask, spec, dtype, objective.weights, candidate_ratios(spec, 12, 0.3), True)
+        return scale, zp, [objective.note, *guard(x, mask, spec, dtype, scale, zp, objective)]
     ratios = clip_ratios(spec, grid, default_min_ratio(spec) if min_ratio is None else float(min_ratio))
     if saturate is None:
         saturate = spec.symmetric
-    scale, zp = weighted_search(x, mask, spec, dtype, weights or _ones, list(ratios), refine, not saturate)
+    scale, zp = weighted_search(x, mask, spec, dtype, objective.weights or _ones, list(ratios), refine, not saturate)
     return scale, zp, []
 
 
@@ -159,8 +191,8 @@ def rtn_clip(
     w = check_weight(w, spec)
     dtype = out_dtype(w)
     x, mask = group_view(w, spec.block_size)
-    weights, head = search_objective(w, spec, objective, head_rule, input_gain)
-    scale, zp, notes = clip_search(x, mask, spec, dtype, weights, head, grid=grid, min_ratio=min_ratio,
+    scale, zp, notes = clip_search(x, mask, spec, dtype, search_objective(w, spec, objective, head_rule, input_gain),
+                                   grid=grid, min_ratio=min_ratio,
                                    saturate=saturate, refine=refine)
     result = finalize(x, scale, zp, spec, w.shape[0], dtype)
     result.notes.extend(notes)
