@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -80,8 +81,8 @@ def minilm_table(algorithms: list[str], blocks: list[int]) -> list[str]:
     return rows
 
 
-def smollm2_table(algorithms: list[str], settings: list[tuple[int, bool]]) -> list[str]:
-    src = L.SMOLLM2 / "model.onnx"
+def smollm2_table(algorithms: list[str], settings: list[tuple[int, bool]], folder=L.SMOLLM2) -> list[str]:
+    src = folder / "model.onnx"
     ids = L.dev_tokens()
     ref = L.log_probs(src, ids)
     toks = L.calibration_tokens(8, 256)
@@ -151,6 +152,9 @@ def main() -> int:
     ap.add_argument("--llm-algorithms", default="rtn,rtn-clip,hqq,imatrix,gptq,awq")
     ap.add_argument("--llm-settings", default="32-sym,128-sym,32-asym,128-asym", help="block-scheme list")
     ap.add_argument("--skip-llm", action="store_true", help="no SmolLM2 table")
+    ap.add_argument("--llm", type=Path, default=L.SMOLLM2, metavar="DIR",
+                    help="the onnxruntime-genai fp32 model folder of the LLM table (default: the full SmolLM2-135M; "
+                         "e.g. a cut one from build_smollm2.sh --layers N)")
     ap.add_argument("--skip-minilm", action="store_true", help="no MiniLM table")
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite benchmarks/README.md")
     args = ap.parse_args()
@@ -159,19 +163,22 @@ def main() -> int:
     sections = []
     if args.skip_llm:
         pass
-    elif L.available(L.SMOLLM2):
+    elif L.available(args.llm):
         settings = [(int(b), s == "sym") for b, s in (x.split("-") for x in args.llm_settings.split(","))]
-        print("SmolLM2-135M (4-bit, accuracy_level 0; perplexity on dev_tokens.npz)")
-        sections += ["SmolLM2-135M-Instruct (full, 30 layers, onnxruntime-genai fp32), 4-bit, accuracy_level 0: "
+        name = "SmolLM2-135M-Instruct (full, 30 layers, onnxruntime-genai fp32)" if args.llm == L.SMOLLM2 else f"`{args.llm.name}`"
+        print(f"{args.llm.name} (4-bit, accuracy_level 0; perplexity on dev_tokens.npz)")
+        sections += [f"{name}, 4-bit, accuracy_level 0: "
                      "teacher-forced perplexity and mean KL(fp32 || quantized) per token on the 8 x 256 tokens of "
                      "`smollm2-2l/dev_tokens.npz`; the tied embedding stays fp32 for its Gather on both sides; "
                      "imatrix/gptq/awq calibrated on the next 2,048 tokens of the same text; time = quantization "
                      "(load, calibrate, quantize, save). Its linear weights lie on a Q4_1 grid: asymmetric block 32 "
                      "favours every asymmetric method there.", "",
-                     *smollm2_table(args.llm_algorithms.split(","), settings), ""]
+                     *smollm2_table(args.llm_algorithms.split(","), settings, args.llm), ""]
     else:
-        print(f"skipping SmolLM2: {L.SMOLLM2} not found (bash ../shared/llm/build_smollm2.sh)")
-    if M.available() and not args.skip_minilm:
+        print(f"skipping the LLM table: {args.llm} has no model.onnx (bash ../shared/llm/build_smollm2.sh)")
+    if args.skip_minilm:
+        pass
+    elif M.available():
         print("MiniLM (4-bit, accuracy_level 0; calibrate rows 0-127, evaluate rows 128-255)")
         sections += ["MiniLM sentence embedder, 4-bit, accuracy_level 0; mean cosine similarity of the embeddings to "
                      "fp32 and nearest-neighbour agreement on rows 128-255 of dev_inputs.npz (imatrix/gptq/awq calibrated on "

@@ -68,6 +68,13 @@ def test_searches_never_lose_to_rtn_and_data_aware_ones_win(setting):
     assert kl["imatrix"] < 0.85 * kl["rtn"], kl
 
 
+def test_asymmetric_searches_never_lose_to_rtn(setting):
+    """Asymmetric, integer zero points (block 128): both calibration-free searches, head guard
+    included, keep a clear margin over rtn."""
+    kl = {alg: _kl(setting, alg, symmetric=False)[0] for alg in ("rtn", "rtn-clip", "hqq")}
+    assert kl["rtn-clip"] < 0.9 * kl["rtn"] and kl["hqq"] < 0.9 * kl["rtn"], kl
+
+
 @pytest.mark.parametrize("algorithm", ["rtn-clip", "hqq"])
 def test_output_head_search_follows_the_logits(setting, algorithm):
     """The head alone (576 x 49152, the tied table): the search weighted by the vocabulary's channel

@@ -95,6 +95,40 @@ def test_head_search_follows_the_input_gain(name, sym):
     assert _logit_err(h, w, with_gain) < 0.97 * min(without, rtn), (_logit_err(h, w, with_gain), without, rtn)
 
 
+@pytest.mark.parametrize("name", ["rtn-clip", "hqq"])
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+def test_head_groups_never_reconstruct_worse_than_rtn_under_either_proxy(name, sym):
+    """With both proxies (the vocabulary's channel energy and the gain^4), the search runs on their
+    mean, but every group must reconstruct at least as well as rtn's range under each proxy alone
+    (errors weighted as the searches weight them, ``sqrt(1 + w^2 / sigma2)`` times the proxy); the
+    groups that fail get rtn's range back, and the note says how many kept the search."""
+    w, g, h = _gain_head(seed=5)
+    bs = 32
+    spec = QuantSpec(4, bs, sym)
+    fn, _ = get_algorithm(name)
+    got = fn(w, spec, None, input_gain=g)
+    rtn = get_algorithm("rtn")[0](w, spec).dequantize().astype(np.float64)
+    w64 = w.astype(np.float64)
+    mag = np.sqrt(1.0 + w64**2 / (w64**2).mean(axis=0, keepdims=True))  # per output column
+    vocab = (w64**2).mean(axis=1)
+    gain = np.maximum(np.abs(g) ** 4 / (np.abs(g) ** 4).mean(), 1e-3)
+
+    def group_err(dq, energy):
+        e = (dq - w64) ** 2 * mag * (energy / energy.mean())[:, None]
+        return e.reshape(K // bs, bs, -1).sum(axis=1)  # [groups, N]
+
+    dq = got.dequantize().astype(np.float64)
+    for energy in (vocab, gain):
+        mine, base = group_err(dq, energy), group_err(rtn, energy)
+        worse = mine > base * (1 + 1e-4)  # the searches sum in float32
+        assert not worse.any(), (int(worse.sum()), float(((mine - base) / base).max()))
+    changed = np.any((dq != rtn).reshape(K // bs, bs, -1), axis=1)
+    assert 0 < changed.mean() < 1  # the search moved some groups, the guard kept others at rtn
+    kept = [n for n in got.notes if "keep the searched range" in n]
+    assert len(kept) == 1, got.notes
+    assert _logit_err(h, w, got) < _logit_err(h, w, get_algorithm("rtn")[0](w, spec))
+
+
 def test_transform_passes_the_final_norm_gain_to_the_head_search():
     """norm -> head MatMul through the whole pass: the report says the gain was used, and
     onnxruntime's MatMulNBits output equals numpy's dequantize + matmul of the stored blocks."""

@@ -130,7 +130,8 @@ def gain_energy(gain: np.ndarray, k: int, bs: int, power: float = GAIN_POWER, fl
     vocabulary proxy's 0.42), hence ``power`` 4. On smollm2-2l (the same weights cut to 2 layers,
     so the final norm was trained for another residual stream) the gain says nothing (correlation
     -0.01; the vocabulary proxy's 0.15). The two proxies are uncorrelated with each other on both
-    (-0.01), so the head search takes their mean: a channel counts if either marks it.
+    (-0.01), so the head search takes their mean (a channel counts if either marks it) and keeps
+    a group's result only where it is no worse than rtn's under each (:mod:`.rtn_clip`).
 
     Measured, rtn-clip with the head weighted as listed: SmolLM2-135M every MatMul 4-bit
     (perplexity on 8 x 256 dev tokens, fp32 28.36) and smollm2-2l (KL of rows 4-7, block 128 sym):
@@ -143,6 +144,7 @@ def gain_energy(gain: np.ndarray, k: int, bs: int, power: float = GAIN_POWER, fl
     | ``g^4`` | 42.85 | 39.76 | 35.95 | 0.244 |
     | ``g^2`` x vocabulary energy | 46.24 | | | |
     | mean of vocabulary energy and ``g^4`` | 45.56 | 41.85 | 36.01 | 0.136 |
+    | the mean, guarded by each (rtn-clip's rule) | 45.53 | 40.39 | 35.96 | 0.139 |
 
     Normalised to mean 1 over the ``k`` channels, floored at ``floor``, padding 0, ``[kb, bs]``.
     """

@@ -29,11 +29,13 @@ The searches keep, per group, the best iterate under rtn-clip's objective for th
 error (``"mse"``), which lets HQQ trade an output head's largest weights for its many small ones
 (SmolLM2 2-layer, block 128 sym, KL: 0.463 with ``"mse"``, 0.139 with ``"magnitude"``, rtn
 0.154); on output heads rtn-clip's head weighting (vocabulary energy and the input norm's
-gain), from rtn-clip's head search. Measured on SmolLM2-135M (perplexity / KL to fp32 on 8 x 256
-tokens, fp32 28.36, every MatMul 4-bit, ``benchmarks/bench_algorithms.py``): block 128 sym
-45.62 / 0.643 (rtn 48.39 / 0.722; the head by vocabulary energy alone 45.92 / 0.642; before the
-refit and the head weighting 47.46 / 0.713), block 32 sym 35.87 / 0.355 (rtn 37.91 / 0.405),
-block 128 asym 42.05 / 0.555 (rtn 40.25 / 0.565); the rest in ``benchmarks/README.md``.
+gain), from rtn-clip's head search, and its guard applied to the final iterates (a group that
+reconstructs worse than rtn's range under either proxy alone gets rtn's range). Measured on
+SmolLM2-135M (perplexity / KL to fp32 on 8 x 256 tokens, fp32 28.36, every MatMul 4-bit,
+``benchmarks/bench_algorithms.py``): block 128 sym 45.53 / 0.646 (rtn 48.39 / 0.722; the head
+by vocabulary energy alone 45.92 / 0.642; before the refit and the head weighting 47.46 /
+0.713), block 32 sym 36.03 / 0.366 (rtn 37.91 / 0.405), block 128 asym 40.40 / 0.526 (rtn
+40.25 / 0.565; without the guard 42.05 / 0.555); the rest in ``benchmarks/README.md``.
 
 Differences from the reference implementation (documented choices):
 
