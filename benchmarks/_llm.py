@@ -29,17 +29,31 @@ def dev_tokens() -> np.ndarray:
     return np.load(DEV_TOKENS)["input_ids"]
 
 
-def calibration_tokens(rows: int = 8, seq: int = 256) -> np.ndarray | None:
-    """``[rows, seq]`` token windows of dev_text.txt after the evaluation tokens (None without ``tokenizers``)."""
+def _text_ids() -> list[int] | None:
     try:
         from tokenizers import Tokenizer
     except ImportError:
         return None
     tok = Tokenizer.from_file(str(SMOLLM2_2L / "tokenizer.json"))
-    ids = tok.encode((SMOLLM2_2L / "dev_text.txt").read_text(), add_special_tokens=False).ids
-    start = dev_tokens().size
-    ids = np.asarray(ids[start : start + rows * seq], dtype=np.int64)
+    return tok.encode((SMOLLM2_2L / "dev_text.txt").read_text(), add_special_tokens=False).ids
+
+
+def _windows(ids: list[int], start: int, count: int | None, seq: int) -> np.ndarray:
+    ids = np.asarray(ids[start : None if count is None else start + count], dtype=np.int64)
     return ids[: (ids.size // seq) * seq].reshape(-1, seq)
+
+
+def calibration_tokens(rows: int = 8, seq: int = 256) -> np.ndarray | None:
+    """``[rows, seq]`` token windows of dev_text.txt after the evaluation tokens (None without ``tokenizers``)."""
+    ids = _text_ids()
+    return None if ids is None else _windows(ids, dev_tokens().size, rows * seq, seq)
+
+
+def held_out_tokens(seq: int = 256) -> np.ndarray | None:
+    """Every whole ``seq`` window of dev_text.txt after the evaluation and the default calibration
+    tokens (``2 x 2,048``): text no choice was measured on (None without ``tokenizers``)."""
+    ids = _text_ids()
+    return None if ids is None else _windows(ids, 2 * dev_tokens().size, None, seq)
 
 
 def feeds_for(model_path: str | os.PathLike, ids: np.ndarray) -> dict[str, np.ndarray]:

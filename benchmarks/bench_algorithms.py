@@ -81,9 +81,10 @@ def minilm_table(algorithms: list[str], blocks: list[int]) -> list[str]:
     return rows
 
 
-def smollm2_table(algorithms: list[str], settings: list[tuple[int, bool]], folder=L.SMOLLM2) -> list[str]:
+def smollm2_table(algorithms: list[str], settings: list[tuple[int, bool]], folder=L.SMOLLM2,
+                  ids: np.ndarray | None = None) -> list[str]:
     src = folder / "model.onnx"
-    ids = L.dev_tokens()
+    ids = L.dev_tokens() if ids is None else ids
     ref = L.log_probs(src, ids)
     toks = L.calibration_tokens(8, 256)
     calibration = None if toks is None else [L.feeds_for(src, toks[i : i + 2]) for i in range(0, len(toks), 2)]
@@ -155,6 +156,10 @@ def main() -> int:
     ap.add_argument("--llm", type=Path, default=L.SMOLLM2, metavar="DIR",
                     help="the onnxruntime-genai fp32 model folder of the LLM table (default: the full SmolLM2-135M; "
                          "e.g. a cut one from build_smollm2.sh --layers N)")
+    ap.add_argument("--llm-text", choices=("dev", "held-out"), default="dev",
+                    help="the LLM table's evaluation tokens: dev = dev_tokens.npz (8 x 256, what the defaults were "
+                         "chosen on); held-out = the windows of dev_text.txt after it and the calibration tokens "
+                         "(13 x 256; needs the tokenizers package)")
     ap.add_argument("--skip-minilm", action="store_true", help="no MiniLM table")
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite benchmarks/README.md")
     args = ap.parse_args()
@@ -166,14 +171,22 @@ def main() -> int:
     elif L.available(args.llm):
         settings = [(int(b), s == "sym") for b, s in (x.split("-") for x in args.llm_settings.split(","))]
         name = "SmolLM2-135M-Instruct (full, 30 layers, onnxruntime-genai fp32)" if args.llm == L.SMOLLM2 else f"`{args.llm.name}`"
-        print(f"{args.llm.name} (4-bit, accuracy_level 0; perplexity on dev_tokens.npz)")
+        ids = None
+        text = "the 8 x 256 tokens of `smollm2-2l/dev_tokens.npz`"
+        if args.llm_text == "held-out":
+            ids = L.held_out_tokens()
+            if ids is None:
+                print("--llm-text held-out needs the tokenizers package (pip install tokenizers)", file=sys.stderr)
+                return 2
+            text = f"the {ids.shape[0]} x {ids.shape[1]} held-out tokens of `dev_text.txt` (after the dev and calibration tokens)"
+        print(f"{args.llm.name} (4-bit, accuracy_level 0; perplexity on {text})")
         sections += [f"{name}, 4-bit, accuracy_level 0: "
-                     "teacher-forced perplexity and mean KL(fp32 || quantized) per token on the 8 x 256 tokens of "
-                     "`smollm2-2l/dev_tokens.npz`; the tied embedding stays fp32 for its Gather on both sides; "
+                     f"teacher-forced perplexity and mean KL(fp32 || quantized) per token on {text}; "
+                     "the tied embedding stays fp32 for its Gather on both sides; "
                      "imatrix/gptq/awq calibrated on the next 2,048 tokens of the same text; time = quantization "
                      "(load, calibrate, quantize, save). Its linear weights lie on a Q4_1 grid: asymmetric block 32 "
                      "favours every asymmetric method there.", "",
-                     *smollm2_table(args.llm_algorithms.split(","), settings, args.llm), ""]
+                     *smollm2_table(args.llm_algorithms.split(","), settings, args.llm, ids), ""]
     else:
         print(f"skipping the LLM table: {args.llm} has no model.onnx (bash ../shared/llm/build_smollm2.sh)")
     if args.skip_minilm:
