@@ -123,7 +123,6 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
     from .algorithms import list_algorithms
     from .config import NodeOverride, WeightOnlyConfig, parse_option
-    from .model_io import load_model
     from .output_files import same_file
     from .quantize import quantize
 
@@ -143,10 +142,6 @@ def _run_quantize(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     needs_calibration = list_algorithms()[args.algorithm]
     given = args.calibration or args.calibration_text
-    if given or needs_calibration:  # bad input files fail before calibration data is read (quantize loads it anyway)
-        from .folders import resolve
-
-        load_model(resolve(args.input))
     calibration = None
     if args.calibration and args.calibration_text:
         raise UsageError("give --calibration FILE.npz or --calibration-text FILE, not both")
@@ -156,7 +151,10 @@ def _run_quantize(args: argparse.Namespace) -> int:
     elif args.calibration:
         from .algorithms.calibration import npz_batches
 
-        calibration = npz_batches(args.calibration, args.calibration_batch_size, args.calibration_batches)
+        def npz(path=args.calibration):  # read when quantize() iterates it: after the model loaded, before any work
+            yield from npz_batches(path, args.calibration_batch_size, args.calibration_batches)
+
+        calibration = npz()
     elif args.calibration_text:
         from .text import CalibrationText, default_tokenizer, load_tokenizer
 

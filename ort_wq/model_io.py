@@ -252,18 +252,14 @@ def _tensors(model: ir.Model) -> list[ir.TensorProtocol]:
     return [v.const_value for g in graphs for v in g.initializers.values() if v.const_value is not None]
 
 
-def inference_session(
-    model: ir.Model, sess_options: Any = None, providers: list[str] | None = None, *, outputs: list[str] | None = None
-) -> Any:
+def inference_session(model: ir.Model, sess_options: Any = None, providers: list[str] | None = None) -> Any:
     """An onnxruntime session for an in-memory ``ir.Model``, external data included.
 
     The graph is serialised without its external tensors and onnxruntime is told the folder they
     live in (``session.model_external_initializers_file_folder_path``), so nothing is copied. A
     model whose in-memory tensors would exceed the 2 GB protobuf limit (or whose external data
     lives in several folders) is saved to a temporary folder first. ``sess_options`` is modified.
-    ``outputs``: the session computes only these values of the main graph: they become its
-    outputs, and nodes and initializers they do not depend on are left out (onnxruntime itself
-    runs every node, e.g. an LLM's output head, even when its result is not fetched).
+    (To compute only some values, prune the model first, as :mod:`ort_wq.algorithms.segments` does.)
     """
     import onnxruntime as ort
 
@@ -274,50 +270,13 @@ def inference_session(
     in_memory = sum(t.nbytes for t in tensors if not isinstance(t, ir.ExternalTensor))
     if len(folders) <= 1 and in_memory < PROTO_LIMIT:
         proto: onnx.ModelProto = ir.serde.serialize_model(model)
-        if outputs is not None:
-            _keep_only(proto.graph, outputs)
         if folders:
             so.add_session_config_entry("session.model_external_initializers_file_folder_path", folders.pop())
         return ort.InferenceSession(proto.SerializeToString(), so, providers=providers)
     with tempfile.TemporaryDirectory(prefix="ort_wq_", ignore_cleanup_errors=True) as tmp:
         path = Path(tmp) / "model.onnx"
         save_model(model, path, external_data=True, durable=False)
-        if outputs is not None:
-            proto = onnx.load(str(path), load_external_data=False)
-            _keep_only(proto.graph, outputs)
-            onnx.save(proto, str(path))
         return ort.InferenceSession(str(path), so, providers=providers)
-
-
-def _keep_only(graph: onnx.GraphProto, outputs: list[str]) -> None:
-    """Make ``outputs`` the graph's outputs and drop the nodes and initializers they do not need."""
-    known = {v.name: v for v in [*graph.input, *graph.value_info, *graph.output]}
-    needed, keep = set(outputs), []
-    for node in reversed(graph.node):
-        if any(o in needed for o in node.output):
-            keep.append(node)
-            needed.update(i for i in node.input if i)
-            needed.update(_subgraph_reads(node))
-    keep.reverse()
-    del graph.node[:]
-    graph.node.extend(keep)
-    inits = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
-    del graph.output[:]
-    graph.output.extend(known[n] if n in known else onnx.ValueInfoProto(name=n) for n in outputs)
-
-
-def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
-    """Every name read inside the node's subgraphs (outer-scope values among them)."""
-    out: set[str] = set()
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for g in graphs:
-            for n in g.node:
-                out.update(i for i in n.input if i)
-                out.update(_subgraph_reads(n))
-    return out
 
 
 def __getattr__(name: str) -> Any:

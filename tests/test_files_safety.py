@@ -268,6 +268,19 @@ def test_bad_options_exit_2_before_any_work(model_file, tmp_path, capsys, args, 
     assert _digests(tmp_path) == before
 
 
+def test_a_bad_model_is_named_before_its_calibration_file(tmp_path, capsys):
+    """The model is read (once) before the calibration file: a broken model with a broken
+    calibration file reports the model."""
+    (tmp_path / "m.onnx").write_bytes(b"\x08\x07garbage, not a model")
+    np.savez(tmp_path / "nan.npz", x=np.full((4, 64), np.nan, np.float32))
+    before = _digests(tmp_path)
+    assert main(["quantize", str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), "--algorithm", "gptq",
+                 "--calibration", str(tmp_path / "nan.npz")]) == 2
+    msg = _one_line(capsys)
+    assert "m.onnx" in msg and "NaN" not in msg, msg
+    assert _digests(tmp_path) == before
+
+
 def test_calibration_unused_by_the_algorithm_is_reported(model_file, tmp_path, capsys):
     np.savez(tmp_path / "c.npz", x=np.ones((4, 64), np.float32))
     assert main(["quantize", str(model_file), str(tmp_path / "q.onnx"), "--calibration", str(tmp_path / "c.npz"),
