@@ -149,12 +149,9 @@ def _run_quantize(args: argparse.Namespace) -> int:
         print(f"ort-wq quantize: note: --algorithm {args.algorithm} does not use calibration data; "
               f"{given} is ignored (gptq and awq use it)", file=sys.stderr)
     elif args.calibration:
-        from .algorithms.calibration import npz_batches
+        from .algorithms.calibration import NpzBatches
 
-        def npz(path=args.calibration):  # read when quantize() iterates it: after the model loaded, before any work
-            yield from npz_batches(path, args.calibration_batch_size, args.calibration_batches)
-
-        calibration = npz()
+        calibration = NpzBatches(args.calibration, args.calibration_batch_size, args.calibration_batches)
     elif args.calibration_text:
         from .text import CalibrationText, default_tokenizer, load_tokenizer
 

@@ -43,6 +43,26 @@ def npz_batches(path: str | os.PathLike, batch_size: int = 8, max_batches: int |
     return batches[:max_batches] if max_batches else batches
 
 
+class NpzBatches:
+    """:func:`npz_batches` of ``path``, read when first iterated or measured: ``quantize()`` loads
+    the model first, so a bad model is reported before a bad calibration file."""
+
+    def __init__(self, path: str | os.PathLike, batch_size: int = 8, max_batches: int | None = None):
+        self.path, self.batch_size, self.max_batches = path, batch_size, max_batches
+        self._batches: list[dict[str, np.ndarray]] | None = None
+
+    def _read(self) -> list[dict[str, np.ndarray]]:
+        if self._batches is None:
+            self._batches = npz_batches(self.path, self.batch_size, self.max_batches)
+        return self._batches
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter(self._read())
+
+    def __len__(self) -> int:
+        return len(self._read())
+
+
 def iter_batches(calibration: Any) -> Iterator[dict[str, np.ndarray]]:
     """Batches from a ``CalibrationDataReader`` (``get_next`` until ``None``) or an iterable of dicts."""
     if hasattr(calibration, "get_next"):
@@ -252,5 +272,5 @@ def _batches(model: ir.Model, calibration: Any, model_path: Any) -> tuple[Iterab
         if layout.input_ids is None:
             raise ModelInputError("calibration text needs a model with an 'input_ids' input")
         return (make_feeds(model, input_ids=w[None], layout=layout) for w in windows), len(windows)
-    total = len(calibration) if isinstance(calibration, (list, tuple)) else None
+    total = len(calibration) if isinstance(calibration, (list, tuple, NpzBatches)) else None
     return iter_batches(calibration), total
