@@ -8,7 +8,7 @@ magnitude weight (``sigma2 + w^2``): large weights -- the ones that make an outp
 logits -- keep their values, the small majority absorbs the rounding.
 
 Each builder returns ``fn(x_chunk, c0, c1) -> weights`` for the group view ``x[N, kb, bs]``
-(see :func:`._common.search_clip`); the result broadcasts to the chunk.
+(see :func:`._search.search_clip`); the result broadcasts to the chunk.
 """
 
 from __future__ import annotations

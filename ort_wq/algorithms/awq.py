@@ -34,7 +34,6 @@ import numpy as np
 
 from ._common import (
     check_weight,
-    clip_ratios,
     finalize,
     group_view,
     hessian_blocks,
@@ -43,8 +42,8 @@ from ._common import (
     out_dtype,
     require_stats,
     rtn_dequant,
-    search_clip,
 )
+from ._search import clip_ratios, search_clip
 from .base import LayerStats, OptionSpec, QuantizedWeight, QuantSpec, register
 
 NOT_FOLDABLE_NOTE = "input scaling not foldable: clip search only"

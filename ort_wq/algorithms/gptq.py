@@ -56,7 +56,6 @@ import numpy as np
 from . import _progress
 from ._common import (
     check_weight,
-    clip_ratios,
     finalize,
     group_view,
     hessian_blocks,
@@ -65,8 +64,8 @@ from ._common import (
     minmax_params,
     out_dtype,
     require_stats,
-    search_clip,
 )
+from ._search import clip_ratios, search_clip
 from ._blas import one_blas_thread
 from .base import LayerStats, OptionSpec, QuantizedWeight, QuantSpec, register
 

@@ -40,9 +40,9 @@ from ._common import (
     require_stats,
     round_scale,
     round_zp,
-    search_clip,
     sym_zero,
 )
+from ._search import search_clip
 from ._importance import activation_weighted
 from .base import LayerStats, OptionSpec, QuantizedWeight, QuantSpec, register
 

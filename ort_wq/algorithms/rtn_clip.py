@@ -85,13 +85,11 @@ from dataclasses import dataclass
 
 from ._common import (
     check_weight,
-    clip_ratios,
-    default_min_ratio,
     finalize,
     group_view,
-    keep_unless_worse,
     out_dtype,
 )
+from ._search import clip_ratios, default_min_ratio, keep_unless_worse
 from ._importance import (
     GAIN_NOTE,
     HEAD_NOTE,
@@ -197,7 +195,7 @@ def rtn_clip(
     """Round to nearest with the per-group range minimising the group's weighted error.
 
     ``grid`` steps from ratio 1.0 to ``min_ratio`` (``grid=0``: min/max only; default 0.5
-    symmetric, 0.97 asymmetric, see :func:`._common.default_min_ratio`); ``objective``
+    symmetric, 0.97 asymmetric, see :func:`._search.default_min_ratio`); ``objective``
     ``"magnitude"`` or ``"mse"``; ``saturate``: whether a candidate may clip a weight past half a
     step (default: symmetric yes, asymmetric no -- measured, see the module doc); ``refine=False``: no weighted least-squares refit of the candidates; ``head_rule=False``:
     output heads are searched like any weight. ``input_gain`` (set by the transform): the gain of
