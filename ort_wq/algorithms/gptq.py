@@ -54,6 +54,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _progress
+from ._blas import one_blas_thread
 from ._common import (
     check_weight,
     finalize,
@@ -66,7 +67,6 @@ from ._common import (
     require_stats,
 )
 from ._search import clip_ratios, search_clip
-from ._blas import one_blas_thread
 from .base import LayerStats, OptionSpec, QuantizedWeight, QuantSpec, register
 
 

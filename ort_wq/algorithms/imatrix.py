@@ -42,8 +42,8 @@ from ._common import (
     round_zp,
     sym_zero,
 )
-from ._search import search_clip
 from ._importance import activation_weighted
+from ._search import search_clip
 from .base import LayerStats, OptionSpec, QuantizedWeight, QuantSpec, register
 
 
