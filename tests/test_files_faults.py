@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -240,7 +241,9 @@ def test_ctrl_c_during_the_renames_is_held_until_they_are_done(source, tmp_path,
     real = os.replace
 
     def replace(a, b):
-        os.kill(os.getpid(), signal.SIGINT)  # arrives between the two renames
+        # arrives between the two renames; sent to this thread (the main one), so that no BLAS or
+        # other worker thread takes the process-wide signal and handles it after the renames
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
         real(a, b)
 
     monkeypatch.setattr(output_files.os, "replace", replace)
