@@ -233,23 +233,48 @@ def test_failed_graph_rename_keeps_the_old_output(source, tmp_path, monkeypatch)
     assert _which(out, x, expected) == 8
 
 
-def test_ctrl_c_during_the_renames_is_held_until_they_are_done(source, tmp_path, monkeypatch):
-    src, x, expected = source
-    out = tmp_path / "out.onnx"
+def _ctrl_c_between_the_renames(monkeypatch, handler):
+    """Make SIGINT's handler ``handler`` and send SIGINT from inside each rename; returns the
+    handler to put back."""
     from ort_wq import output_files
 
     real = os.replace
 
     def replace(a, b):
-        # arrives between the two renames; sent to this thread (the main one), so that no BLAS or
-        # other worker thread takes the process-wide signal and handles it after the renames
-        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # to the main thread, which renames
         real(a, b)
 
     monkeypatch.setattr(output_files.os, "replace", replace)
-    with pytest.raises(KeyboardInterrupt) as info:
-        quantize(str(src), WeightOnlyConfig(bits=4, block_size=32, accuracy_level=0), output=out)
+    return signal.signal(signal.SIGINT, handler)
+
+
+def test_ctrl_c_during_the_renames_is_held_until_they_are_done(source, tmp_path, monkeypatch):
+    src, x, expected = source
+    out = tmp_path / "out.onnx"
+    # Python's own handler, as under a terminal (a shell starts background jobs, pytest among
+    # them, with SIGINT ignored)
+    previous = _ctrl_c_between_the_renames(monkeypatch, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt) as info:
+            quantize(str(src), WeightOnlyConfig(bits=4, block_size=32, accuracy_level=0), output=out)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert info.value.output_written is True
+    assert _which(out, x, expected) == 4 and len(_data_files(tmp_path, "out.onnx")) == 1
+    assert _leftovers(tmp_path, "out.onnx") == []
+
+
+def test_an_ignored_ctrl_c_stays_ignored_during_the_renames(source, tmp_path, monkeypatch):
+    """Started with SIGINT ignored (nohup, a background job), the write completes and SIGINT is
+    still ignored afterwards."""
+    src, x, expected = source
+    out = tmp_path / "out.onnx"
+    previous = _ctrl_c_between_the_renames(monkeypatch, signal.SIG_IGN)
+    try:
+        quantize(str(src), WeightOnlyConfig(bits=4, block_size=32, accuracy_level=0), output=out)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert _which(out, x, expected) == 4 and len(_data_files(tmp_path, "out.onnx")) == 1
     assert _leftovers(tmp_path, "out.onnx") == []
 
