@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +253,20 @@ def _tensors(model: ir.Model) -> list[ir.TensorProtocol]:
     return [v.const_value for g in graphs for v in g.initializers.values() if v.const_value is not None]
 
 
+def fits_in_memory(tensors: Iterable[ir.TensorProtocol], sess_options: Any) -> bool:
+    """Whether a proto holding ``tensors`` can go to onnxruntime from memory: the in-memory ones
+    under the 2 GB protobuf limit, the external ones in one folder at most, which ``sess_options``
+    is then told (``session.model_external_initializers_file_folder_path``)."""
+    tensors = list(tensors)
+    folders = {os.path.abspath(t.base_dir) for t in tensors if isinstance(t, ir.ExternalTensor)}
+    in_memory = sum(t.nbytes for t in tensors if not isinstance(t, ir.ExternalTensor))
+    if len(folders) > 1 or in_memory >= PROTO_LIMIT:
+        return False
+    if folders:
+        sess_options.add_session_config_entry("session.model_external_initializers_file_folder_path", folders.pop())
+    return True
+
+
 def inference_session(model: ir.Model, sess_options: Any = None, providers: list[str] | None = None) -> Any:
     """An onnxruntime session for an in-memory ``ir.Model``, external data included.
 
@@ -265,13 +280,8 @@ def inference_session(model: ir.Model, sess_options: Any = None, providers: list
 
     so = sess_options if sess_options is not None else ort.SessionOptions()
     providers = providers or ["CPUExecutionProvider"]
-    tensors = _tensors(model)
-    folders = {os.path.abspath(t.base_dir) for t in tensors if isinstance(t, ir.ExternalTensor)}
-    in_memory = sum(t.nbytes for t in tensors if not isinstance(t, ir.ExternalTensor))
-    if len(folders) <= 1 and in_memory < PROTO_LIMIT:
+    if fits_in_memory(_tensors(model), so):
         proto: onnx.ModelProto = ir.serde.serialize_model(model)
-        if folders:
-            so.add_session_config_entry("session.model_external_initializers_file_folder_path", folders.pop())
         return ort.InferenceSession(proto.SerializeToString(), so, providers=providers)
     with tempfile.TemporaryDirectory(prefix="ort_wq_", ignore_cleanup_errors=True) as tmp:
         path = Path(tmp) / "model.onnx"

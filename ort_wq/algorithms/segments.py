@@ -22,7 +22,6 @@ references into their files), typing the inputs from the arrays the previous seg
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,7 +144,7 @@ def segment_session(plan: Plan, seg: Segment, types: dict[str, Any], sess_option
     import onnx
     import onnxruntime as ort
 
-    from ort_wq.model_io import PROTO_LIMIT, inference_session
+    from ort_wq.model_io import fits_in_memory, inference_session
 
     proto = onnx.ModelProto(ir_version=plan.ir_version, producer_name="ort-wq calibration")
     g = proto.graph
@@ -159,9 +158,7 @@ def segment_session(plan: Plan, seg: Segment, types: dict[str, Any], sess_option
         proto.opset_import.append(onnx.helper.make_opsetid(domain, version))
     proto.functions.extend(plan.functions)
     tensors = seg.initializers
-    folders = {os.path.abspath(t.base_dir) for t in tensors.values() if isinstance(t, ir.ExternalTensor)}
-    in_memory = sum(t.nbytes for t in tensors.values() if not isinstance(t, ir.ExternalTensor))
-    if len(folders) > 1 or in_memory >= PROTO_LIMIT:
+    if not fits_in_memory(tensors.values(), sess_options):
         for name, tensor in tensors.items():  # graph inputs first, made initializers in the IR
             g.input.append(onnx.helper.make_tensor_value_info(name, int(tensor.dtype), None))
         model = ir.serde.deserialize_model(proto)
@@ -172,8 +169,6 @@ def segment_session(plan: Plan, seg: Segment, types: dict[str, Any], sess_option
             model.graph.register_initializer(value)
         return inference_session(model, sess_options)
     g.initializer.extend(ir.serde.serialize_tensor(t) for t in tensors.values())
-    if folders:
-        sess_options.add_session_config_entry("session.model_external_initializers_file_folder_path", folders.pop())
     data = proto.SerializeToString()
     del proto, g
     return ort.InferenceSession(data, sess_options, providers=["CPUExecutionProvider"])
